@@ -1,0 +1,10 @@
+//! cycleserve: CycleGAN style transfer as a service, on candle.
+//!
+//! - [`model`]: the networks, their model files and the PyTorch import;
+//! - [`engine`]: decoding, batching, inference and encoding;
+//! - [`cli`]: the `cycleserve` command line.
+
+pub mod cli;
+pub mod device;
+pub mod engine;
+pub mod model;

@@ -1,0 +1,112 @@
+//! The CycleGAN networks, their model files and the PyTorch import.
+
+pub mod config;
+pub mod discriminator;
+pub mod file;
+pub mod generator;
+pub mod import;
+pub mod layers;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+pub use config::{DiscriminatorConfig, Family, GeneratorConfig};
+pub use discriminator::Discriminator;
+pub use file::{Direction, Domains, ModelFile, ModelMetadata};
+pub use generator::Generator;
+
+/// Everything that can be wrong with a model file or a checkpoint to import.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    InFile { path: PathBuf, source: Box<ModelError> },
+    #[error("not a safetensors file ({reason})")]
+    NotSafetensors { reason: String },
+    #[error("truncated model file: {reason}")]
+    Truncated { reason: String },
+    #[error(
+        "the header metadata lacks {keys}: a cycleserve model file names its architecture \
+         (family, ngf, n_blocks, norm_affine) and domains (domain_x, domain_y) there; \
+         `cycleserve import` converts PyTorch checkpoints"
+    )]
+    MissingMetadata { keys: String },
+    #[error("unknown family `{0}` in the header metadata: expected `upsample` or `transpose`")]
+    UnknownFamily(String),
+    #[error("header metadata `{key}` is `{value}`, expected {expected}")]
+    BadMetadata { key: String, value: String, expected: String },
+    #[error("no generator weights: expected tensors named G.* (x2y) and/or F.* (y2x)")]
+    NoGenerators,
+    #[error("tensors do not match the architecture ({architecture}): {}", summarize(problems))]
+    TensorMismatch { architecture: String, problems: Vec<String> },
+    #[error("tensor {tensor} is {dtype}; weights must be F32, F16 or BF16")]
+    UnsupportedDtype { tensor: String, dtype: String },
+    #[error("cannot map checkpoint {path}: {reason}")]
+    Import { path: PathBuf, reason: String },
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    /// Adds the file name to an error found inside a file.
+    pub(crate) fn in_file(self, path: &Path) -> Self {
+        match self {
+            Self::Io { .. } | Self::InFile { .. } => self,
+            other => Self::InFile { path: path.to_path_buf(), source: Box::new(other) },
+        }
+    }
+}
+
+/// Lists problems; a file of the wrong architecture can have hundreds, so the tail is counted.
+fn summarize(problems: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut text = problems.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; ");
+    if problems.len() > SHOWN {
+        text.push_str(&format!("; and {} more", problems.len() - SHOWN));
+    }
+    text
+}
+
+/// A loaded model: its metadata and a ready generator for each direction it has.
+#[derive(Debug)]
+pub struct Model {
+    pub metadata: ModelMetadata,
+    generators: BTreeMap<Direction, Generator>,
+}
+
+impl Model {
+    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::from_file(ModelFile::load(path, device)?, device)
+    }
+
+    pub fn from_file(file: ModelFile, device: &Device) -> Result<Self, ModelError> {
+        let mut generators = BTreeMap::new();
+        for (direction, weights) in file.generators {
+            let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+            generators.insert(direction, Generator::new(file.metadata.architecture, vb)?);
+        }
+        Ok(Self { metadata: file.metadata, generators })
+    }
+
+    pub fn directions(&self) -> impl Iterator<Item = Direction> + '_ {
+        self.generators.keys().copied()
+    }
+
+    pub fn generator(&self, direction: Direction) -> Option<&Generator> {
+        self.generators.get(&direction)
+    }
+
+    /// Runs one direction on an NCHW batch in [-1, 1].
+    pub fn forward(&self, direction: Direction, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.generators.get(&direction) {
+            Some(g) => g.forward(x),
+            None => candle_core::bail!("this model has no {direction} generator"),
+        }
+    }
+}
