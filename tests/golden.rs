@@ -25,12 +25,14 @@ fn manifest_config(name: &str) -> GeneratorConfig {
 fn check_generator(name: &str) {
     let tensors = load_tensors(&golden(&format!("{name}.safetensors")));
     let config = manifest_config(name);
-    let weights = tensors.iter().filter(|(k, _)| k.starts_with("model.")).map(|(k, v)| (k.clone(), v.clone()));
+    let weights =
+        tensors.iter().filter(|(k, _)| k.starts_with("model.")).map(|(k, v)| (k.clone(), v.clone()));
     let vb = VarBuilder::from_tensors(weights.collect(), DType::F32, &Device::Cpu);
     let generator = Generator::new(config, vb).unwrap();
     let imported = read_checkpoint(&golden(&format!("{name}.pth"))).unwrap();
     assert_eq!(imported.config, config, "{name}.pth imports to a different architecture");
-    let from_pth = Generator::new(config, VarBuilder::from_tensors(imported.weights, DType::F32, &Device::Cpu)).unwrap();
+    let from_pth =
+        Generator::new(config, VarBuilder::from_tensors(imported.weights, DType::F32, &Device::Cpu)).unwrap();
 
     let cases = manifest()[name]["cases"].as_u64().unwrap();
     for case in 0..cases {

@@ -33,7 +33,9 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let model = Model::load(&args.model, &device)?;
     let direction = model.metadata.domains.parse_direction(&args.direction).map_err(anyhow::Error::msg)?;
-    let bytes = std::fs::read(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
+    model.generator(direction)?;
+    let bytes =
+        std::fs::read(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
     let limits = codec::DecodeLimits { max_bytes: usize::MAX, max_pixels: args.max_pixels };
     let image = codec::decode(&bytes, &limits).with_context(|| args.input.display().to_string())?;
     let started = std::time::Instant::now();

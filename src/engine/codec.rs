@@ -111,9 +111,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage, Image
     if image.width() < MIN_SIDE || image.height() < MIN_SIDE {
         return Err(ImageError::TooSmall { width: image.width(), height: image.height() });
     }
-    let alpha = image.color().has_alpha().then(|| {
-        image.to_rgba8().pixels().map(|p| p.0[3]).collect()
-    });
+    let alpha = image.color().has_alpha().then(|| image.to_rgba8().pixels().map(|p| p.0[3]).collect());
     Ok(DecodedImage { rgb: image.to_rgb8(), alpha, format })
 }
 
@@ -121,7 +119,9 @@ fn decode_error(format: ImageFormat, err: image::ImageError) -> ImageError {
     let name = format.extensions_str().first().copied().unwrap_or("image").to_uppercase();
     match err {
         image::ImageError::Unsupported(e) => ImageError::Unsupported(format!("{name}: {e}")),
-        image::ImageError::Limits(e) => ImageError::Corrupt(format!("{name} needs more memory than allowed: {e}")),
+        image::ImageError::Limits(e) => {
+            ImageError::Corrupt(format!("{name} needs more memory than allowed: {e}"))
+        }
         other => ImageError::Corrupt(format!("{name}: {other}")),
     }
 }
@@ -198,7 +198,9 @@ pub fn encode(image: &DynamicImage, format: OutputFormat) -> Result<Vec<u8>, Ima
         OutputFormat::Jpeg => DynamicImage::ImageRgb8(image.to_rgb8())
             .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY)),
         // The image crate writes lossless WebP only.
-        OutputFormat::Webp => image.write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(&mut out)),
+        OutputFormat::Webp => {
+            image.write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(&mut out))
+        }
     };
     result.map_err(|e| ImageError::Encode(e.to_string()))?;
     Ok(out.into_inner())

@@ -116,7 +116,7 @@ impl GeneratorConfig {
             }
         }
         for (stage, &i) in idx.up.iter().enumerate() {
-            let (cin, cout) = (4 * ngf >> stage, 2 * ngf >> stage);
+            let (cin, cout) = ((4 * ngf) >> stage, (2 * ngf) >> stage);
             // PyTorch stores transposed-conv weights as (in, out, k, k).
             let weight = match self.family {
                 Family::Upsample => [cout, cin, 3, 3],
@@ -150,7 +150,7 @@ impl GeneratorConfig {
             }
         }
         for (stage, &i) in idx.up.iter().enumerate() {
-            layers.push((format!("model.{}", i + 1), 2 * ngf >> stage));
+            layers.push((format!("model.{}", i + 1), (2 * ngf) >> stage));
         }
         layers
     }

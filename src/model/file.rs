@@ -162,7 +162,8 @@ impl ModelMetadata {
             value: header[key].clone(),
             expected: expected.to_string(),
         };
-        let family = Family::from_str(get("family")).map_err(|_| ModelError::UnknownFamily(get("family").into()))?;
+        let family =
+            Family::from_str(get("family")).map_err(|_| ModelError::UnknownFamily(get("family").into()))?;
         let positive = |key: &str| match get(key).parse::<usize>() {
             Ok(n) if n > 0 && n <= 4096 => Ok(n),
             _ => Err(bad(key, "a positive integer")),
@@ -170,7 +171,11 @@ impl ModelMetadata {
         let architecture = GeneratorConfig {
             family,
             ngf: positive("ngf")?,
-            n_blocks: get("n_blocks").parse().ok().filter(|&n: &usize| n <= 1024).ok_or_else(|| bad("n_blocks", "a block count"))?,
+            n_blocks: get("n_blocks")
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n <= 1024)
+                .ok_or_else(|| bad("n_blocks", "a block count"))?,
             norm_affine: get("norm_affine").parse().map_err(|_| bad("norm_affine", "true or false"))?,
         };
         let domains = Domains::parse(&format!("{},{}", get("domain_x"), get("domain_y")))
@@ -195,21 +200,22 @@ pub struct ModelFile {
 impl ModelFile {
     /// Reads and checks a model file: header, metadata, and every tensor's name and shape.
     pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|error| ModelError::Io { path: path.to_path_buf(), error })?;
         Self::from_bytes(&bytes, device).map_err(|e| e.in_file(path))
     }
 
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self, ModelError> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| classify_safetensors_error(bytes, e))?;
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| classify_safetensors_error(bytes, e))?;
+        let (_, header) =
+            SafeTensors::read_metadata(bytes).map_err(|e| classify_safetensors_error(bytes, e))?;
         let metadata = ModelMetadata::from_header(header.metadata().as_ref())?;
 
         let mut found: BTreeMap<Direction, Vec<ParamSpec>> = BTreeMap::new();
         let mut stray = Vec::new();
         for (name, view) in st.tensors() {
-            let direction = Direction::BOTH
-                .into_iter()
-                .find(|d| name.starts_with(&format!("{}.", d.prefix())));
+            let direction =
+                Direction::BOTH.into_iter().find(|d| name.starts_with(&format!("{}.", d.prefix())));
             match direction {
                 Some(d) => found.entry(d).or_default().push((name[2..].to_string(), view.shape().to_vec())),
                 None => stray.push(name),
@@ -220,7 +226,11 @@ impl ModelFile {
         }
         let mut problems: Vec<String> = stray.iter().map(|n| format!("unexpected tensor {n}")).collect();
         for (direction, tensors) in &found {
-            problems.extend(check_parameters(&metadata.architecture, tensors, &format!("{}.", direction.prefix())));
+            problems.extend(check_parameters(
+                &metadata.architecture,
+                tensors,
+                &format!("{}.", direction.prefix()),
+            ));
         }
         if !problems.is_empty() {
             return Err(ModelError::TensorMismatch {
@@ -239,7 +249,12 @@ impl ModelFile {
                     safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
                         view.load(device)?.to_dtype(DType::F32)?
                     }
-                    other => return Err(ModelError::UnsupportedDtype { tensor: full, dtype: format!("{other:?}") }),
+                    other => {
+                        return Err(ModelError::UnsupportedDtype {
+                            tensor: full,
+                            dtype: format!("{other:?}"),
+                        })
+                    }
                 };
                 weights.insert(name, tensor);
             }
@@ -263,17 +278,22 @@ impl ModelFile {
         let mut tensors = Vec::new();
         for (direction, weights) in generators {
             let specs: Vec<ParamSpec> = weights.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
-            let problems = check_parameters(&metadata.architecture, &specs, &format!("{}.", direction.prefix()));
+            let problems =
+                check_parameters(&metadata.architecture, &specs, &format!("{}.", direction.prefix()));
             if !problems.is_empty() {
-                return Err(ModelError::TensorMismatch { architecture: describe(&metadata.architecture), problems });
+                return Err(ModelError::TensorMismatch {
+                    architecture: describe(&metadata.architecture),
+                    problems,
+                });
             }
             for (name, tensor) in weights {
                 tensors.push((format!("{}.{name}", direction.prefix()), tensor.contiguous()?));
             }
         }
-        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata.to_header()))
-            .map_err(|e| ModelError::Write { path: path.to_path_buf(), reason: e.to_string() })?;
-        write_atomically(path, &bytes).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata.to_header()))
+                .map_err(|e| ModelError::Write { path: path.to_path_buf(), reason: e.to_string() })?;
+        write_atomically(path, &bytes).map_err(|error| ModelError::Io { path: path.to_path_buf(), error })
     }
 }
 
@@ -319,11 +339,8 @@ pub(crate) fn check_parameters(cfg: &GeneratorConfig, found: &[ParamSpec], prefi
             Some(_) => {}
         }
     }
-    let mut unexpected: Vec<&str> = found
-        .keys()
-        .copied()
-        .filter(|n| !expected.iter().any(|(e, _)| e == n))
-        .collect();
+    let mut unexpected: Vec<&str> =
+        found.keys().copied().filter(|n| !expected.iter().any(|(e, _)| e == n)).collect();
     unexpected.sort_unstable();
     problems.extend(unexpected.into_iter().map(|n| format!("unexpected tensor {prefix}{n}")));
     problems
@@ -332,11 +349,14 @@ pub(crate) fn check_parameters(cfg: &GeneratorConfig, found: &[ParamSpec], prefi
 /// Turns the safetensors crate's error into one that says what is wrong with the file.
 fn classify_safetensors_error(bytes: &[u8], err: SafeTensorError) -> ModelError {
     let header_len = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-    let looks_like_header = matches!(header_len, Some(n) if n > 1 && n < 100_000_000) && bytes.get(8) == Some(&b'{');
+    let looks_like_header =
+        matches!(header_len, Some(n) if n > 1 && n < 100_000_000) && bytes.get(8) == Some(&b'{');
     match err {
-        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::InvalidOffset(_) => ModelError::Truncated {
-            reason: "its header describes more (or fewer) tensor bytes than the file holds".into(),
-        },
+        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::InvalidOffset(_) => {
+            ModelError::Truncated {
+                reason: "its header describes more (or fewer) tensor bytes than the file holds".into(),
+            }
+        }
         SafeTensorError::InvalidHeaderLength if looks_like_header => ModelError::Truncated {
             reason: format!("the file ends inside its {}-byte header", header_len.unwrap_or(0)),
         },

@@ -56,7 +56,14 @@ enum UpStage {
 }
 
 impl UpStage {
-    fn new(family: Family, cin: usize, cout: usize, affine: bool, vb: &VarBuilder, index: usize) -> Result<Self> {
+    fn new(
+        family: Family,
+        cin: usize,
+        cout: usize,
+        affine: bool,
+        vb: &VarBuilder,
+        index: usize,
+    ) -> Result<Self> {
         Ok(match family {
             Family::Upsample => Self::NearestConv {
                 conv: conv2d(cin, cout, 3, 1, 1, vb.pp(index.to_string()))?,

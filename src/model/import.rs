@@ -41,7 +41,9 @@ pub fn read_checkpoint(path: &Path) -> Result<ImportedGenerator, ModelError> {
         pth = open(Some("state_dict"))?;
     }
     if pth.tensor_infos().is_empty() {
-        return Err(fail("no tensors found: expected a state_dict, or a dict holding one under `state_dict`".into()));
+        return Err(fail(
+            "no tensors found: expected a state_dict, or a dict holding one under `state_dict`".into(),
+        ));
     }
 
     let mut weights = HashMap::new();
@@ -154,7 +156,10 @@ pub fn import(
         provenance: BTreeMap::from([
             ("producer".to_string(), format!("cycleserve import {}", env!("CARGO_PKG_VERSION"))),
             ("source".to_string(), source),
-            ("created".to_string(), humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()),
+            (
+                "created".to_string(),
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            ),
         ]),
     };
     ModelFile::save(out, &metadata, &generators)?;

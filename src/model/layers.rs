@@ -13,7 +13,13 @@ pub(crate) fn reflect_indices(len: usize, before: usize, after: usize) -> Vec<u3
     let last = len as i64 - 1;
     (-(before as i64)..len as i64 + after as i64)
         .map(|i| {
-            let reflected = if i < 0 { -i } else if i > last { 2 * last - i } else { i };
+            let reflected = if i < 0 {
+                -i
+            } else if i > last {
+                2 * last - i
+            } else {
+                i
+            };
             reflected as u32
         })
         .collect()
@@ -23,13 +29,7 @@ pub(crate) fn reflect_indices(len: usize, before: usize, after: usize) -> Vec<u3
 ///
 /// Built from `index_select`, whose backward accumulates through `index_add`, so gradients of
 /// the reflected border land on the pixels they were copied from.
-pub fn reflection_pad2d(
-    x: &Tensor,
-    left: usize,
-    right: usize,
-    top: usize,
-    bottom: usize,
-) -> Result<Tensor> {
+pub fn reflection_pad2d(x: &Tensor, left: usize, right: usize, top: usize, bottom: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if left.max(right) >= w || top.max(bottom) >= h {
         candle_core::bail!(
@@ -60,9 +60,7 @@ pub fn reflection_pad(x: &Tensor, pad: usize) -> Result<Tensor> {
 /// it; this form has no such trap.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    x.reshape((n, c, h, 1, w, 1))?
-        .broadcast_as((n, c, h, 2, w, 2))?
-        .reshape((n, c, 2 * h, 2 * w))
+    x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.reshape((n, c, 2 * h, 2 * w))
 }
 
 /// `nn.InstanceNorm2d`: per sample and channel over H×W, biased variance, eps 1e-5, no running
@@ -95,10 +93,8 @@ impl Module for InstanceNorm {
         let flat = flat.to_dtype(stats_dtype)?;
         let centered = flat.broadcast_sub(&flat.mean_keepdim(D::Minus1)?)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + NORM_EPS)?.sqrt()?)?
-            .reshape((n, c, h, w))?
-            .to_dtype(x.dtype())?;
+        let normed =
+            centered.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?.reshape((n, c, h, w))?.to_dtype(x.dtype())?;
         match &self.affine {
             None => Ok(normed),
             Some((weight, bias)) => normed

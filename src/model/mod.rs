@@ -21,10 +21,12 @@ pub use generator::Generator;
 /// Everything that can be wrong with a model file or a checkpoint to import.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    InFile { path: PathBuf, source: Box<ModelError> },
+    // The inner errors are shown in the message itself rather than chained as `source`, so
+    // that `to_string()` (what HTTP bodies and logs carry) is complete on its own.
+    #[error("cannot read {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: {error}")]
+    InFile { path: PathBuf, error: Box<ModelError> },
     #[error("not a safetensors file ({reason})")]
     NotSafetensors { reason: String },
     #[error("truncated model file: {reason}")]
@@ -49,6 +51,8 @@ pub enum ModelError {
     Import { path: PathBuf, reason: String },
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error("this model has no {direction} ({name}) generator")]
+    MissingDirection { direction: Direction, name: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -58,7 +62,7 @@ impl ModelError {
     pub(crate) fn in_file(self, path: &Path) -> Self {
         match self {
             Self::Io { .. } | Self::InFile { .. } => self,
-            other => Self::InFile { path: path.to_path_buf(), source: Box::new(other) },
+            other => Self::InFile { path: path.to_path_buf(), error: Box::new(other) },
         }
     }
 }
@@ -98,15 +102,15 @@ impl Model {
         self.generators.keys().copied()
     }
 
-    pub fn generator(&self, direction: Direction) -> Option<&Generator> {
-        self.generators.get(&direction)
+    pub fn generator(&self, direction: Direction) -> Result<&Generator, ModelError> {
+        self.generators.get(&direction).ok_or_else(|| ModelError::MissingDirection {
+            direction,
+            name: self.metadata.domains.direction_name(direction),
+        })
     }
 
     /// Runs one direction on an NCHW batch in [-1, 1].
-    pub fn forward(&self, direction: Direction, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.generators.get(&direction) {
-            Some(g) => g.forward(x),
-            None => candle_core::bail!("this model has no {direction} generator"),
-        }
+    pub fn forward(&self, direction: Direction, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.generator(direction)?.forward(x)?)
     }
 }

@@ -35,8 +35,5 @@ pub fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
 
 /// The tensors whose names start with `prefix`, with the prefix removed.
 pub fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
-    tensors
-        .iter()
-        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
-        .collect()
+    tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
 }

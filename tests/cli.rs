@@ -1,0 +1,119 @@
+//! The `cycleserve import` and `cycleserve translate` commands, end to end, against PNGs that
+//! PyTorch produced for the same checkpoints and photo (`scripts/pytorch_reference.py`).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn cycleserve(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cycleserve"))
+        .args(args)
+        .env("CYCLESERVE_LOG_LEVEL", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Share of channel values within ±1 level, and the largest difference.
+fn agreement(a: &Path, b: &Path) -> (f64, u8) {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let close = diffs.iter().filter(|d| **d <= 1).count();
+    (close as f64 / diffs.len() as f64, *diffs.iter().max().unwrap())
+}
+
+#[test]
+fn imported_checkpoints_translate_like_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["upsample", "transpose_affine"] {
+        let pth = golden(&format!("generator_{family}.pth"));
+        let model = dir.path().join(format!("{family}.safetensors"));
+        let out = cycleserve(&[
+            "import",
+            "--x2y",
+            pth.to_str().unwrap(),
+            "--y2x",
+            pth.to_str().unwrap(),
+            "--domains",
+            "photo,painting",
+            "--out",
+            model.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("photo2painting + painting2photo"));
+
+        let result = dir.path().join(format!("{family}.png"));
+        let photo = fixture("photo_250x198.png");
+        let out = cycleserve(&[
+            "translate",
+            "--model",
+            model.to_str().unwrap(),
+            "--direction",
+            "painting2photo",
+            "--device",
+            "cpu",
+            photo.to_str().unwrap(),
+            result.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let reference = fixture(&format!("reference/{family}_y2x_photo_250x198.png"));
+        let (close, max) = agreement(&result, &reference);
+        assert!(close >= 0.995, "{family}: only {:.3} % within ±1 (max diff {max})", close * 100.);
+        assert!(max <= 2, "{family}: max diff {max}");
+    }
+}
+
+#[test]
+fn command_line_errors_are_clear_and_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = golden("generator_upsample.safetensors");
+    let photo = fixture("photo_250x198.png");
+    let out_png = dir.path().join("o.png");
+    let args = |model: &Path, input: &Path, direction: &str| {
+        cycleserve(&[
+            "translate",
+            "--model",
+            model.to_str().unwrap(),
+            "--direction",
+            direction,
+            input.to_str().unwrap(),
+            out_png.to_str().unwrap(),
+        ])
+    };
+
+    let out = args(&raw, &photo, "x2y");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("the header metadata lacks family"), "{}", stderr(&out));
+
+    let model = dir.path().join("m.safetensors");
+    let pth = golden("generator_upsample.pth");
+    let imported = cycleserve(&[
+        "import",
+        "--x2y",
+        pth.to_str().unwrap(),
+        "--domains",
+        "photo,painting",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(imported.status.success());
+
+    let out = args(&model, &photo, "painting2photo");
+    assert!(stderr(&out).contains("this model has no y2x (painting2photo) generator"), "{}", stderr(&out));
+    let out = args(&model, &photo, "sideways");
+    assert!(stderr(&out).contains("expected x2y, y2x, photo2painting or painting2photo"), "{}", stderr(&out));
+    let out = args(&model, &pth, "x2y");
+    assert!(stderr(&out).contains("not a supported image"), "{}", stderr(&out));
+    assert!(!out.status.success() && !out_png.exists());
+
+    let out = cycleserve(&["translate", "--model", model.to_str().unwrap(), "--device", "tpu", "a", "b"]);
+    assert!(stderr(&out).contains("unknown device `tpu`"), "{}", stderr(&out));
+}

@@ -1,0 +1,151 @@
+//! Finite-difference checks in f64 of the gradients training relies on: reflection padding,
+//! instance norm (plain and affine), the transposed upsampling (k3 s2 p1 output_padding 1, whose
+//! candle backward ignores output_padding), nearest upsampling, and whole small networks.
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_nn::{ConvTranspose2dConfig, VarBuilder, VarMap};
+use cycleserve::model::layers::{reflection_pad2d, upsample_nearest2x, InstanceNorm};
+use cycleserve::model::{Discriminator, DiscriminatorConfig, Family, Generator, GeneratorConfig};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const STEP: f64 = 1e-6;
+/// Relative L2 between analytic and numeric gradients over the sampled entries. Central
+/// differences in f64 carry ~1e-9 of round-off, which this leaves room for.
+const TOLERANCE: f64 = 1e-5;
+/// Floor of the norm the error is relative to: biases feeding an instance norm have a true
+/// gradient of zero, where a purely relative error would compare round-off with round-off.
+const NORM_FLOOR: f64 = 1e-2;
+const SAMPLES: usize = 24;
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f64, 1., shape, &Device::Cpu).unwrap()
+}
+
+/// Checks d loss / d var for each var at `SAMPLES` random entries, where
+/// loss = Σ f() ⊙ probe for a fixed random probe.
+fn gradcheck(name: &str, vars: &[Var], f: impl Fn() -> Result<Tensor>) {
+    let probe = randn(f().unwrap().dims());
+    let loss = || -> f64 { (f().unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar().unwrap() };
+    let grads = (f().unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    for (v, var) in vars.iter().enumerate() {
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for var {v}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let original = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let dims = var.as_tensor().dims().to_vec();
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for _ in 0..SAMPLES.min(original.len()) {
+            let i = rng.random_range(0..original.len());
+            let at = |delta: f64| {
+                let mut values = original.clone();
+                values[i] += delta;
+                var.set(&Tensor::from_vec(values, dims.as_slice(), &Device::Cpu).unwrap()).unwrap();
+                loss()
+            };
+            let numeric = (at(STEP) - at(-STEP)) / (2. * STEP);
+            diff += (numeric - analytic[i]).powi(2);
+            norm += numeric.powi(2);
+        }
+        var.set(&Tensor::from_vec(original, dims.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        let err = diff.sqrt() / norm.sqrt().max(NORM_FLOOR);
+        assert!(err < TOLERANCE, "{name}, var {v}: relative gradient error {err:e}");
+    }
+}
+
+#[test]
+fn reflection_padding() {
+    let x = Var::from_tensor(&randn(&[2, 3, 5, 6])).unwrap();
+    gradcheck("reflection_pad2d", std::slice::from_ref(&x), || reflection_pad2d(&x, 3, 1, 2, 4));
+}
+
+#[test]
+fn nearest_upsampling_whose_input_also_feeds_another_op() {
+    let x = Var::from_tensor(&randn(&[1, 2, 3, 4])).unwrap();
+    // The sum with x's own square makes a second consumer of x.
+    gradcheck("upsample", std::slice::from_ref(&x), || {
+        upsample_nearest2x(&x)?.sum_keepdim(3)?.sum_keepdim(2)?.broadcast_add(&x.sqr()?)
+    });
+}
+
+#[test]
+fn instance_norm_plain_and_affine() {
+    let x = Var::from_tensor(&randn(&[2, 3, 4, 5])).unwrap();
+    let plain = InstanceNorm::new(3, false, VarBuilder::zeros(DType::F64, &Device::Cpu)).unwrap();
+    gradcheck("instance norm", std::slice::from_ref(&x), || plain.forward(&x));
+
+    let varmap = VarMap::new();
+    let affine =
+        InstanceNorm::new(3, true, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+    let vars = randomize(&varmap);
+    let mut all = vec![x.clone()];
+    all.extend(vars);
+    gradcheck("affine instance norm", &all, || affine.forward(&x));
+}
+
+#[test]
+fn transposed_upsampling_with_output_padding() {
+    let x = Var::from_tensor(&randn(&[2, 4, 3, 5])).unwrap();
+    let varmap = VarMap::new();
+    let cfg = ConvTranspose2dConfig { padding: 1, output_padding: 1, stride: 2, dilation: 1 };
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let conv = candle_nn::conv_transpose2d(4, 3, 3, cfg, vb).unwrap();
+    assert_eq!(conv.forward(&x).unwrap().dims(), &[2, 3, 6, 10]);
+    let mut vars = vec![x.clone()];
+    vars.extend(randomize(&varmap));
+    gradcheck("conv_transpose2d k3 s2 p1 op1", &vars, || conv.forward(&x));
+}
+
+/// Fills every var with fresh N(0, 0.5) values (affine norms would otherwise start at 1 and 0)
+/// and returns them in name order.
+fn randomize(varmap: &VarMap) -> Vec<Var> {
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<_> = data.keys().cloned().collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            let var = data[n].clone();
+            var.set(&(randn(var.as_tensor().dims()) * 0.5).unwrap()).unwrap();
+            var
+        })
+        .collect()
+}
+
+fn check_generator(family: Family, norm_affine: bool) {
+    let varmap = VarMap::new();
+    let cfg = GeneratorConfig { family, ngf: 2, n_blocks: 1, norm_affine };
+    let g = Generator::new(cfg, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+    let mut vars = vec![Var::from_tensor(&randn(&[1, 3, 8, 12])).unwrap()];
+    vars.extend(randomize(&varmap));
+    let x = vars[0].clone();
+    gradcheck(&format!("{family} generator (affine {norm_affine})"), &vars, || g.forward(&x));
+}
+
+#[test]
+fn whole_upsample_generator() {
+    check_generator(Family::Upsample, false);
+}
+
+#[test]
+fn whole_transpose_generator_with_affine_norm() {
+    check_generator(Family::Transpose, true);
+}
+
+#[test]
+fn whole_discriminator() {
+    let varmap = VarMap::new();
+    let d = Discriminator::new(
+        DiscriminatorConfig { ndf: 2 },
+        VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
+    let mut vars = vec![Var::from_tensor(&randn(&[2, 3, 32, 48])).unwrap()];
+    vars.extend(randomize(&varmap));
+    let x = vars[0].clone();
+    gradcheck("discriminator", &vars, || d.forward(&x));
+}
