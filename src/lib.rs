@@ -2,9 +2,11 @@
 //!
 //! - [`model`]: the networks, their model files and the PyTorch import;
 //! - [`engine`]: decoding, batching, inference and encoding;
+//! - [`train`]: CycleGAN training (`cycletrain`);
 //! - [`cli`]: the `cycleserve` command line.
 
 pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod model;
+pub mod train;

@@ -1,0 +1,253 @@
+//! One CycleGAN optimisation step, and the trainer's whole state with its checkpoints.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::networks::Networks;
+use super::optim::Adam;
+use super::pool::ImagePool;
+use crate::model::file::write_atomically;
+
+/// Salt that keeps the pool's random stream apart from the data's and the init's.
+const POOL_STREAM: u64 = 0x706f6f6c;
+
+/// Losses of one step, named as the reference trace names them; each is already weighted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepLosses {
+    #[serde(rename = "G_total")]
+    pub g_total: f64,
+    #[serde(rename = "gan_G")]
+    pub gan_g: f64,
+    #[serde(rename = "gan_F")]
+    pub gan_f: f64,
+    pub cycle_x: f64,
+    pub cycle_y: f64,
+    pub identity_x: f64,
+    pub identity_y: f64,
+    #[serde(rename = "D_X")]
+    pub d_x: f64,
+    #[serde(rename = "D_Y")]
+    pub d_y: f64,
+}
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub epoch: usize,
+    /// Steps done in the current epoch.
+    pub step_in_epoch: usize,
+    pub global_step: u64,
+    /// Wall time spent training, summed over resumed runs.
+    pub seconds: f64,
+}
+
+/// Everything a checkpoint holds besides tensors.
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    trainer: String,
+    config: TrainConfig,
+    progress: Progress,
+    optimizer_steps: [u64; 2],
+    pool_sizes: [usize; 2],
+    /// The pool's random generator: seed (hex), stream and word position.
+    rng: (String, u64, String),
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub nets: Networks,
+    pub progress: Progress,
+    opt_g: Adam,
+    opt_d: Adam,
+    pool_x: ImagePool,
+    pool_y: ImagePool,
+    rng: ChaCha8Rng,
+    device: Device,
+}
+
+impl Trainer {
+    /// A fresh run, initialised from the config's seed.
+    pub fn new(config: TrainConfig, device: &Device) -> candle_core::Result<Self> {
+        let trainer = Self::with_networks(config, device)?;
+        trainer.nets.init_normal(trainer.config.seed)?;
+        Ok(trainer)
+    }
+
+    /// A fresh run starting from given weights, named `G.model.1.weight`, `D_X.model.0.bias`…
+    pub fn from_weights(
+        config: TrainConfig,
+        device: &Device,
+        weights: &HashMap<String, Tensor>,
+    ) -> candle_core::Result<Self> {
+        let trainer = Self::with_networks(config, device)?;
+        trainer.nets.load(weights)?;
+        Ok(trainer)
+    }
+
+    fn with_networks(config: TrainConfig, device: &Device) -> candle_core::Result<Self> {
+        let nets = Networks::new(config.generator, config.discriminator, device)?;
+        let opt_g = Adam::new(config.adam, &[("G", &nets.vars[0]), ("F", &nets.vars[1])])?;
+        let opt_d = Adam::new(config.adam, &[("D_X", &nets.vars[2]), ("D_Y", &nets.vars[3])])?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        rng.set_stream(POOL_STREAM);
+        let mut trainer = Self {
+            pool_x: ImagePool::new(config.pool_size),
+            pool_y: ImagePool::new(config.pool_size),
+            config,
+            nets,
+            progress: Progress::default(),
+            opt_g,
+            opt_d,
+            rng,
+            device: device.clone(),
+        };
+        trainer.apply_schedule();
+        Ok(trainer)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Sets both optimisers' learning rate for the current epoch.
+    fn apply_schedule(&mut self) {
+        let lr = self.config.adam.lr * self.config.lr_factor(self.progress.epoch);
+        self.opt_g.set_lr(lr);
+        self.opt_d.set_lr(lr);
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.opt_g.lr()
+    }
+
+    /// One step of the recipe on NCHW batches in [-1, 1]: update G and F on their losses, then
+    /// D_X and D_Y on real images and pooled fakes made before that update.
+    pub fn step(&mut self, real_x: &Tensor, real_y: &Tensor) -> candle_core::Result<StepLosses> {
+        let g = self.nets.generator_losses(real_x, real_y, self.config.loss_weights())?;
+        self.opt_g.step(&g.total.backward()?)?;
+
+        let fake_x = self.pool_x.query(&g.fake_x, &mut self.rng)?;
+        let fake_y = self.pool_y.query(&g.fake_y, &mut self.rng)?;
+        let (d_x, d_y) = self.nets.discriminator_losses(real_x, real_y, &fake_x, &fake_y)?;
+        self.opt_d.step(&(&d_x + &d_y)?.backward()?)?;
+
+        self.progress.step_in_epoch += 1;
+        self.progress.global_step += 1;
+        let value = |t: &Tensor| -> candle_core::Result<f64> { t.to_dtype(DType::F64)?.to_scalar::<f64>() };
+        Ok(StepLosses {
+            g_total: value(&g.total)?,
+            gan_g: value(&g.gan_g)?,
+            gan_f: value(&g.gan_f)?,
+            cycle_x: value(&g.cycle_x)?,
+            cycle_y: value(&g.cycle_y)?,
+            identity_x: value(&g.identity_x)?,
+            identity_y: value(&g.identity_y)?,
+            d_x: value(&d_x)?,
+            d_y: value(&d_y)?,
+        })
+    }
+
+    /// Moves on to the next epoch and its learning rate.
+    pub fn finish_epoch(&mut self) {
+        self.progress.epoch += 1;
+        self.progress.step_in_epoch = 0;
+        self.apply_schedule();
+    }
+
+    /// Writes networks, optimiser moments, pools, progress, RNG state and config to one
+    /// safetensors file, atomically.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let mut tensors: Vec<(String, Tensor)> =
+            self.nets.sorted_vars().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+        for (prefix, opt) in [("opt_g", &self.opt_g), ("opt_d", &self.opt_d)] {
+            tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)));
+        }
+        for (prefix, pool) in [("pool_x", &self.pool_x), ("pool_y", &self.pool_y)] {
+            tensors.extend(pool.images().iter().enumerate().map(|(i, t)| (format!("{prefix}.{i}"), t.clone())));
+        }
+        let state = CheckpointState {
+            trainer: format!("cycletrain {}", env!("CARGO_PKG_VERSION")),
+            config: self.config.clone(),
+            progress: self.progress,
+            optimizer_steps: [self.opt_g.steps(), self.opt_d.steps()],
+            pool_sizes: [self.pool_x.images().len(), self.pool_y.images().len()],
+            rng: (hex(&self.rng.get_seed()), self.rng.get_stream(), self.rng.get_word_pos().to_string()),
+        };
+        let metadata = HashMap::from([("cycletrain".to_string(), serde_json::to_string(&state)?)]);
+        let tensors = tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.contiguous()?)));
+        let tensors = tensors.collect::<candle_core::Result<Vec<_>>>()?;
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?;
+        write_atomically(path, &bytes).with_context(|| format!("cannot write checkpoint {}", path.display()))
+    }
+
+    /// Restores a run exactly as [`Trainer::save`] left it.
+    pub fn resume(path: &Path, device: &Device) -> anyhow::Result<Self> {
+        let (config, tensors, state) = read_checkpoint(path)?;
+        let mut trainer = Self::from_weights(config, device, &tensors)?;
+        let get = |name: String| -> candle_core::Result<Tensor> {
+            match tensors.get(&name) {
+                Some(t) => t.to_device(device),
+                None => candle_core::bail!("checkpoint lacks {name}"),
+            }
+        };
+        trainer.opt_g.load_state(state.optimizer_steps[0], |n| get(format!("opt_g.{n}")))?;
+        trainer.opt_d.load_state(state.optimizer_steps[1], |n| get(format!("opt_d.{n}")))?;
+        for (pool, prefix, size) in [
+            (&mut trainer.pool_x, "pool_x", state.pool_sizes[0]),
+            (&mut trainer.pool_y, "pool_y", state.pool_sizes[1]),
+        ] {
+            pool.restore((0..size).map(|i| get(format!("{prefix}.{i}"))).collect::<candle_core::Result<_>>()?);
+        }
+        let (seed, stream, word_pos) = &state.rng;
+        let mut rng = ChaCha8Rng::from_seed(unhex(seed).context("bad RNG seed in checkpoint")?);
+        rng.set_stream(*stream);
+        rng.set_word_pos(word_pos.parse().context("bad RNG position in checkpoint")?);
+        trainer.rng = rng;
+        trainer.progress = state.progress;
+        trainer.apply_schedule();
+        Ok(trainer)
+    }
+}
+
+/// A checkpoint's config, tensors (on the CPU) and state.
+fn read_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, HashMap<String, Tensor>, CheckpointState)> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a cycletrain checkpoint", path.display()))?;
+    let state_json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("cycletrain"))
+        .with_context(|| format!("{} is not a cycletrain checkpoint (no training state)", path.display()))?;
+    let state: CheckpointState = serde_json::from_str(state_json)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+    Ok((state.config.clone(), tensors, state))
+}
+
+/// The config, progress and G/F weights of a checkpoint, for export.
+pub fn checkpoint_generators(
+    path: &Path,
+) -> anyhow::Result<(TrainConfig, Progress, HashMap<String, Tensor>, HashMap<String, Tensor>)> {
+    let (config, tensors, state) = read_checkpoint(path)?;
+    let strip = |prefix: &str| -> HashMap<String, Tensor> {
+        tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone()))).collect()
+    };
+    Ok((config, state.progress, strip("G."), strip("F.")))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let bytes: Option<Vec<u8>> =
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
+    bytes?.try_into().ok()
+}
