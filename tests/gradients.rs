@@ -1,9 +1,11 @@
 //! Finite-difference checks in f64 of the gradients training relies on: reflection padding,
-//! instance norm (plain and affine), the transposed upsampling (k3 s2 p1 output_padding 1, whose
-//! candle backward ignores output_padding), nearest upsampling, and whole small networks.
+//! instance norm (plain and affine), the im2col + GEMM convolution (odd sizes, strided) and the
+//! transposed upsampling built on it (k3 s2 p1 output_padding 1), nearest upsampling, and whole
+//! small networks.
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{ConvTranspose2dConfig, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
+use cycleserve::model::conv::{Conv2d, ConvTranspose2d};
 use cycleserve::model::layers::{reflection_pad2d, upsample_nearest2x, InstanceNorm};
 use cycleserve::model::{Discriminator, DiscriminatorConfig, Family, Generator, GeneratorConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -91,13 +93,24 @@ fn instance_norm_plain_and_affine() {
 fn transposed_upsampling_with_output_padding() {
     let x = Var::from_tensor(&randn(&[2, 4, 3, 5])).unwrap();
     let varmap = VarMap::new();
-    let cfg = ConvTranspose2dConfig { padding: 1, output_padding: 1, stride: 2, dilation: 1 };
-    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
-    let conv = candle_nn::conv_transpose2d(4, 3, 3, cfg, vb).unwrap();
+    let conv =
+        ConvTranspose2d::new(4, 3, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
     assert_eq!(conv.forward(&x).unwrap().dims(), &[2, 3, 6, 10]);
     let mut vars = vec![x.clone()];
     vars.extend(randomize(&varmap));
     gradcheck("conv_transpose2d k3 s2 p1 op1", &vars, || conv.forward(&x));
+}
+
+#[test]
+fn strided_convolution_on_odd_sizes() {
+    // candle's own conv2d backward gets the input-gradient shape wrong here; ours must not.
+    let x = Var::from_tensor(&randn(&[2, 3, 9, 7])).unwrap();
+    let varmap = VarMap::new();
+    let conv =
+        Conv2d::new(3, 4, 3, 2, 1, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+    let mut vars = vec![x.clone()];
+    vars.extend(randomize(&varmap));
+    gradcheck("conv k3 s2 p1 on 9×7", &vars, || conv.forward(&x));
 }
 
 /// Fills every var with fresh N(0, 0.5) values (affine norms would otherwise start at 1 and 0)

@@ -58,7 +58,7 @@ fn import_round_trips_and_computes_the_reference() {
     let out = model.forward(Direction::XtoY, &tensors["input.1"]).unwrap();
     assert!(relative_l2(&out, &tensors["output.1"]) < 1e-5);
     let err = model.forward(Direction::YtoX, &tensors["input.1"]).unwrap_err().to_string();
-    assert!(err.contains("no y2x generator"), "{err}");
+    assert!(err.contains("no y2x (painting2photo) generator"), "{err}");
 }
 
 #[test]

@@ -58,7 +58,8 @@ fn golden_config() -> TrainConfig {
 
 fn golden_trainer() -> (Trainer, HashMap<String, Tensor>) {
     let golden = load_tensors(&golden("train_step.safetensors"));
-    let trainer = Trainer::from_weights(golden_config(), &Device::Cpu, &strip_prefix(&golden, "init.")).unwrap();
+    let trainer =
+        Trainer::from_weights(golden_config(), &Device::Cpu, &strip_prefix(&golden, "init.")).unwrap();
     (trainer, golden)
 }
 

@@ -1,4 +1,3 @@
 fn main() -> std::process::ExitCode {
-    eprintln!("cycletrain: not built yet");
-    std::process::ExitCode::FAILURE
+    cycleserve::train::cli::main()
 }

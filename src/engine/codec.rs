@@ -146,16 +146,19 @@ pub fn to_network_input(images: &[&DecodedImage], width: u32, height: u32) -> Ve
     out
 }
 
+/// A network output value in [-1, 1] as an 8-bit level.
+pub fn to_level(v: f32) -> u8 {
+    ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8
+}
+
 /// Turns one network output (CHW f32 at the padded size) back into pixels: crop the top-left
 /// `image`-sized region, quantise, and put the input's alpha back.
 pub fn from_network_output(chw: &[f32], padded_width: u32, source: &DecodedImage) -> DynamicImage {
     let (w, h) = (source.width(), source.height());
     let pw = padded_width as usize;
     let plane = chw.len() / 3;
-    let level = |channel: usize, x: u32, y: u32| {
-        let v = chw[channel * plane + y as usize * pw + x as usize];
-        ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8
-    };
+    let level =
+        |channel: usize, x: u32, y: u32| to_level(chw[channel * plane + y as usize * pw + x as usize]);
     match &source.alpha {
         None => DynamicImage::ImageRgb8(RgbImage::from_fn(w, h, |x, y| {
             image::Rgb([level(0, x, y), level(1, x, y), level(2, x, y)])

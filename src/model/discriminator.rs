@@ -1,10 +1,11 @@
 //! The PatchGAN discriminator of the seed article (PyTorch-GAN's CycleGAN).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::DiscriminatorConfig;
-use super::layers::{conv2d, InstanceNorm};
+use super::conv::Conv2d;
+use super::layers::InstanceNorm;
 
 const LEAKY_SLOPE: f64 = 0.2;
 
@@ -26,13 +27,13 @@ impl Discriminator {
             .iter()
             .enumerate()
             .map(|(layer, &(cin, cout))| {
-                let conv = conv2d(cin, cout, 4, 2, 1, vb.pp(idx[layer].to_string()))?;
+                let conv = Conv2d::new(cin, cout, 4, 2, 1, vb.pp(idx[layer].to_string()))?;
                 let norm = (layer > 0).then(|| InstanceNorm::new(cout, false, vb.clone())).transpose()?;
                 Ok((conv, norm))
             })
             .collect::<Result<Vec<_>>>()?;
         // ZeroPad2d((1, 0, 1, 0)) then a padding-1 conv: zero padding is applied explicitly.
-        let head = conv2d(8 * n, 1, 4, 1, 0, vb.pp(idx[4].to_string()))?;
+        let head = Conv2d::new(8 * n, 1, 4, 1, 0, vb.pp(idx[4].to_string()))?;
         Ok(Self { convs, head })
     }
 }

@@ -1,10 +1,11 @@
 //! The CycleGAN ResNet generator, in both published families.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{Family, GeneratorConfig};
-use super::layers::{conv2d, reflection_pad, upsample_nearest2x, InstanceNorm};
+use super::conv::{Conv2d, ConvTranspose2d};
+use super::layers::{reflection_pad, upsample_nearest2x, InstanceNorm};
 
 /// Conv, instance norm, ReLU: the downsampling stages.
 #[derive(Clone, Debug)]
@@ -31,9 +32,9 @@ struct ResidualBlock {
 impl ResidualBlock {
     fn new(channels: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv1: conv2d(channels, channels, 3, 1, 0, vb.pp("1"))?,
+            conv1: Conv2d::new(channels, channels, 3, 1, 0, vb.pp("1"))?,
             norm1: InstanceNorm::new(channels, affine, vb.pp("2"))?,
-            conv2: conv2d(channels, channels, 3, 1, 0, vb.pp("5"))?,
+            conv2: Conv2d::new(channels, channels, 3, 1, 0, vb.pp("5"))?,
             norm2: InstanceNorm::new(channels, affine, vb.pp("6"))?,
         })
     }
@@ -66,16 +67,13 @@ impl UpStage {
     ) -> Result<Self> {
         Ok(match family {
             Family::Upsample => Self::NearestConv {
-                conv: conv2d(cin, cout, 3, 1, 1, vb.pp(index.to_string()))?,
+                conv: Conv2d::new(cin, cout, 3, 1, 1, vb.pp(index.to_string()))?,
                 norm: InstanceNorm::new(cout, affine, vb.pp((index + 1).to_string()))?,
             },
-            Family::Transpose => {
-                let cfg = ConvTranspose2dConfig { padding: 1, output_padding: 1, stride: 2, dilation: 1 };
-                Self::Transposed {
-                    conv: candle_nn::conv_transpose2d(cin, cout, 3, cfg, vb.pp(index.to_string()))?,
-                    norm: InstanceNorm::new(cout, affine, vb.pp((index + 1).to_string()))?,
-                }
-            }
+            Family::Transpose => Self::Transposed {
+                conv: ConvTranspose2d::new(cin, cout, vb.pp(index.to_string()))?,
+                norm: InstanceNorm::new(cout, affine, vb.pp((index + 1).to_string()))?,
+            },
         })
     }
 }
@@ -111,7 +109,7 @@ impl Generator {
         let at = |i: usize| vb.pp(i.to_string());
         let down = |i: usize, cin: usize, cout: usize| -> Result<ConvNormRelu> {
             Ok(ConvNormRelu {
-                conv: conv2d(cin, cout, 3, 2, 1, at(i))?,
+                conv: Conv2d::new(cin, cout, 3, 2, 1, at(i))?,
                 norm: InstanceNorm::new(cout, affine, at(i + 1))?,
             })
         };
@@ -120,7 +118,7 @@ impl Generator {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config,
-            stem: conv2d(3, ngf, 7, 1, 0, at(idx.stem))?,
+            stem: Conv2d::new(3, ngf, 7, 1, 0, at(idx.stem))?,
             stem_norm: InstanceNorm::new(ngf, affine, at(idx.stem + 1))?,
             down: [down(idx.down[0], ngf, 2 * ngf)?, down(idx.down[1], 2 * ngf, 4 * ngf)?],
             blocks,
@@ -128,7 +126,7 @@ impl Generator {
                 UpStage::new(family, 4 * ngf, 2 * ngf, affine, &vb, idx.up[0])?,
                 UpStage::new(family, 2 * ngf, ngf, affine, &vb, idx.up[1])?,
             ],
-            head: conv2d(ngf, 3, 7, 1, 0, at(idx.head))?,
+            head: Conv2d::new(ngf, 3, 7, 1, 0, at(idx.head))?,
         })
     }
 

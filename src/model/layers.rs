@@ -104,19 +104,6 @@ impl Module for InstanceNorm {
     }
 }
 
-/// A 2-D convolution with bias and symmetric zero padding, as all of ours are.
-pub fn conv2d(
-    cin: usize,
-    cout: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    vb: VarBuilder,
-) -> Result<candle_nn::Conv2d> {
-    let cfg = candle_nn::Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(cin, cout, kernel, cfg, vb)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The CycleGAN networks, their model files and the PyTorch import.
 
 pub mod config;
+pub mod conv;
 pub mod discriminator;
 pub mod file;
 pub mod generator;

@@ -23,7 +23,11 @@ pub struct Networks {
 }
 
 impl Networks {
-    pub fn new(generator: GeneratorConfig, discriminator: DiscriminatorConfig, device: &Device) -> Result<Self> {
+    pub fn new(
+        generator: GeneratorConfig,
+        discriminator: DiscriminatorConfig,
+        device: &Device,
+    ) -> Result<Self> {
         let vars: [VarMap; 4] = std::array::from_fn(|_| VarMap::new());
         let vb = |i: usize| VarBuilder::from_varmap(&vars[i], DType::F32, device);
         Ok(Self {
@@ -116,7 +120,12 @@ fn l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 impl Networks {
-    pub fn generator_losses(&self, real_x: &Tensor, real_y: &Tensor, w: LossWeights) -> Result<GeneratorLosses> {
+    pub fn generator_losses(
+        &self,
+        real_x: &Tensor,
+        real_y: &Tensor,
+        w: LossWeights,
+    ) -> Result<GeneratorLosses> {
         let fake_y = self.g.forward(real_x)?;
         let fake_x = self.f.forward(real_y)?;
         let gan_g = lsgan(&self.d_y.forward(&fake_y)?, 1.)?;
@@ -125,7 +134,10 @@ impl Networks {
         let cycle_y = (l1(&self.g.forward(&fake_x)?, real_y)? * w.cycle)?;
         let (identity_x, identity_y) = if w.identity > 0. {
             let scale = w.cycle * w.identity;
-            ((l1(&self.f.forward(real_x)?, real_x)? * scale)?, (l1(&self.g.forward(real_y)?, real_y)? * scale)?)
+            (
+                (l1(&self.f.forward(real_x)?, real_x)? * scale)?,
+                (l1(&self.g.forward(real_y)?, real_y)? * scale)?,
+            )
         } else {
             let zero = Tensor::zeros((), DType::F32, real_x.device())?;
             (zero.clone(), zero)

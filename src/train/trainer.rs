@@ -170,7 +170,8 @@ impl Trainer {
             tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("{prefix}.{n}"), t)));
         }
         for (prefix, pool) in [("pool_x", &self.pool_x), ("pool_y", &self.pool_y)] {
-            tensors.extend(pool.images().iter().enumerate().map(|(i, t)| (format!("{prefix}.{i}"), t.clone())));
+            tensors
+                .extend(pool.images().iter().enumerate().map(|(i, t)| (format!("{prefix}.{i}"), t.clone())));
         }
         let state = CheckpointState {
             trainer: format!("cycletrain {}", env!("CARGO_PKG_VERSION")),
@@ -203,7 +204,9 @@ impl Trainer {
             (&mut trainer.pool_x, "pool_x", state.pool_sizes[0]),
             (&mut trainer.pool_y, "pool_y", state.pool_sizes[1]),
         ] {
-            pool.restore((0..size).map(|i| get(format!("{prefix}.{i}"))).collect::<candle_core::Result<_>>()?);
+            pool.restore(
+                (0..size).map(|i| get(format!("{prefix}.{i}"))).collect::<candle_core::Result<_>>()?,
+            );
         }
         let (seed, stream, word_pos) = &state.rng;
         let mut rng = ChaCha8Rng::from_seed(unhex(seed).context("bad RNG seed in checkpoint")?);
@@ -221,25 +224,32 @@ fn read_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, HashMap<String, 
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a cycletrain checkpoint", path.display()))?;
-    let state_json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("cycletrain"))
-        .with_context(|| format!("{} is not a cycletrain checkpoint (no training state)", path.display()))?;
+    let state_json =
+        header.metadata().as_ref().and_then(|m| m.get("cycletrain")).with_context(|| {
+            format!("{} is not a cycletrain checkpoint (no training state)", path.display())
+        })?;
     let state: CheckpointState = serde_json::from_str(state_json)?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
     Ok((state.config.clone(), tensors, state))
 }
 
-/// The config, progress and G/F weights of a checkpoint, for export.
-pub fn checkpoint_generators(
-    path: &Path,
-) -> anyhow::Result<(TrainConfig, Progress, HashMap<String, Tensor>, HashMap<String, Tensor>)> {
+/// What export needs of a checkpoint.
+pub struct CheckpointGenerators {
+    pub config: TrainConfig,
+    pub progress: Progress,
+    /// X→Y weights, by PyTorch name.
+    pub g: HashMap<String, Tensor>,
+    /// Y→X weights.
+    pub f: HashMap<String, Tensor>,
+}
+
+/// The config, progress and G/F weights of a checkpoint.
+pub fn checkpoint_generators(path: &Path) -> anyhow::Result<CheckpointGenerators> {
     let (config, tensors, state) = read_checkpoint(path)?;
     let strip = |prefix: &str| -> HashMap<String, Tensor> {
         tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone()))).collect()
     };
-    Ok((config, state.progress, strip("G."), strip("F.")))
+    Ok(CheckpointGenerators { config, progress: state.progress, g: strip("G."), f: strip("F.") })
 }
 
 fn hex(bytes: &[u8]) -> String {

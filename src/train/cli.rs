@@ -1,0 +1,237 @@
+//! The `cycletrain` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use super::data::Dataset;
+use super::eval::EvalSet;
+use super::export::export;
+use super::optim::AdamConfig;
+use super::run::{checkpoint_path, run, RunOptions};
+use super::{TrainConfig, Trainer};
+use crate::device::DeviceSpec;
+use crate::model::{DiscriminatorConfig, Domains, Family, GeneratorConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cycletrain",
+    version,
+    about = "Train CycleGAN generators on two folders of unpaired images",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write the serving model file (G and F) from a run directory or checkpoint.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct TrainArgs {
+    /// Dataset folder holding trainA/ (domain X) and trainB/ (domain Y).
+    #[arg(long, conflicts_with_all = ["x", "y"])]
+    data: Option<PathBuf>,
+    /// Folder of domain-X images (instead of --data).
+    #[arg(long, requires = "y")]
+    x: Option<PathBuf>,
+    /// Folder of domain-Y images (instead of --data).
+    #[arg(long, requires = "x")]
+    y: Option<PathBuf>,
+    /// Run directory: checkpoint.safetensors, samples/, losses.jsonl, losses.png.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory exactly where its checkpoint left it. Data,
+    /// architecture and recipe come from the checkpoint; the options below them are ignored.
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+
+    /// Stop after this many steps in total (the schedule still spans all epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Checkpoint every N steps (and at the end of every epoch).
+    #[arg(long, default_value_t = 1000)]
+    save_every: u64,
+    /// Write a sample grid every N steps.
+    #[arg(long, default_value_t = 500)]
+    sample_every: u64,
+    /// Threads loading and augmenting images ahead of the training loop.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Held-out domain-X images to evaluate on (mean L1 cycle and identity errors).
+    #[arg(long, requires = "eval_y")]
+    eval_x: Option<PathBuf>,
+    /// Held-out domain-Y images to evaluate on.
+    #[arg(long, requires = "eval_x")]
+    eval_y: Option<PathBuf>,
+    /// Evaluate every N steps (and at the end) into eval.jsonl.
+    #[arg(long, default_value_t = 1000)]
+    eval_every: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+
+    /// Resize images to this square size before cropping.
+    #[arg(long, default_value_t = 286)]
+    load_size: u32,
+    /// Random square crop the networks train on.
+    #[arg(long, default_value_t = 256)]
+    crop_size: u32,
+    /// Disable random horizontal flips.
+    #[arg(long)]
+    no_flip: bool,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Epochs at the initial learning rate.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Epochs of linear decay to 0 after those.
+    #[arg(long, default_value_t = 100)]
+    epochs_decay: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.5)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    beta2: f64,
+    #[arg(long, default_value_t = 10.0)]
+    lambda_cycle: f64,
+    /// Identity loss weight, as a fraction of --lambda-cycle (0 disables it).
+    #[arg(long, default_value_t = 0.5)]
+    lambda_identity: f64,
+    /// Past fakes kept per domain for the discriminators.
+    #[arg(long, default_value_t = 50)]
+    pool_size: usize,
+    /// Generator family: upsample (nearest + conv) or transpose (ConvTranspose2d).
+    #[arg(long, default_value = "upsample")]
+    family: Family,
+    /// Generator filters in the first layer.
+    #[arg(long, default_value_t = 64)]
+    ngf: usize,
+    /// Residual blocks in the generator.
+    #[arg(long, default_value_t = 9)]
+    blocks: usize,
+    /// Discriminator filters in the first layer.
+    #[arg(long, default_value_t = 64)]
+    ndf: usize,
+    /// Seeds initialisation, data order, augmentation and the image pools.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// Run directory or checkpoint file.
+    source: PathBuf,
+    /// Model file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Domain names, X first: e.g. photo,painting.
+    #[arg(long, value_parser = Domains::parse)]
+    domains: Domains,
+    /// Store the weights as f16 (half the size; widened to f32 on load).
+    #[arg(long)]
+    half: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::cli::init_logging();
+    let result = match cli.command {
+        Some(Command::Export(args)) => run_export(args),
+        None => train(cli.train),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_export(args: ExportArgs) -> anyhow::Result<()> {
+    let meta = export(&args.source, &args.out, args.domains, args.half)?;
+    println!(
+        "wrote {} ({} steps, {})",
+        args.out.display(),
+        meta.provenance["steps"],
+        crate::model::file::describe(&meta.architecture)
+    );
+    Ok(())
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let device = args.device.open()?;
+    let (trainer, out_dir) = match &args.resume {
+        Some(dir) => (Trainer::resume(&checkpoint_path(dir), &device)?, dir.clone()),
+        None => {
+            let config = config_from_args(&args)?;
+            (Trainer::new(config, &device)?, args.out.clone().context("--out is required")?)
+        }
+    };
+    let config = &trainer.config;
+    let dataset = Dataset::open(
+        &config.x_dir,
+        &config.y_dir,
+        config.load_size,
+        config.crop_size,
+        config.flip,
+        config.seed,
+    )?;
+    let eval = match (&args.eval_x, &args.eval_y) {
+        (Some(x), Some(y)) => Some((EvalSet::load(x, y, &device)?, args.eval_every.max(1))),
+        _ => None,
+    };
+    let options = RunOptions {
+        out_dir,
+        save_every: args.save_every.max(1),
+        sample_every: args.sample_every.max(1),
+        max_steps: args.max_steps,
+        workers: args.workers,
+        eval,
+    };
+    run(trainer, Arc::new(dataset), &options)
+}
+
+fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let (x_dir, y_dir) = match (&args.data, &args.x, &args.y) {
+        (Some(data), None, None) => (data.join("trainA"), data.join("trainB")),
+        (None, Some(x), Some(y)) => (x.clone(), y.clone()),
+        _ => bail!("give the images as --data DIR (with trainA/ and trainB/) or as --x DIR --y DIR"),
+    };
+    if args.batch_size == 0 || args.ngf == 0 || args.ndf == 0 {
+        bail!("--batch-size, --ngf and --ndf must be positive");
+    }
+    Ok(TrainConfig {
+        x_dir,
+        y_dir,
+        generator: GeneratorConfig {
+            family: args.family,
+            ngf: args.ngf,
+            n_blocks: args.blocks,
+            norm_affine: false,
+        },
+        discriminator: DiscriminatorConfig { ndf: args.ndf },
+        load_size: args.load_size,
+        crop_size: args.crop_size,
+        flip: !args.no_flip,
+        batch_size: args.batch_size,
+        epochs: args.epochs,
+        epochs_decay: args.epochs_decay,
+        adam: AdamConfig { lr: args.lr, beta1: args.beta1, beta2: args.beta2, eps: 1e-8 },
+        lambda_cycle: args.lambda_cycle,
+        lambda_identity: args.lambda_identity,
+        pool_size: args.pool_size,
+        seed: args.seed,
+    })
+}
