@@ -5,13 +5,13 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use cycleserve::engine::codec::{self, DecodeLimits, ImageError, OutputFormat};
+use cycleserve::engine::codec::{self, DecodeOptions, ImageError, OutputFormat};
 use cycleserve::engine::run_batch;
 use cycleserve::model::{Direction, Domains, Model};
 use image::GenericImageView;
 
 fn decode_fixture(name: &str) -> Result<codec::DecodedImage, ImageError> {
-    codec::decode(&std::fs::read(fixture(name)).unwrap(), &DecodeLimits::default())
+    codec::decode(&std::fs::read(fixture(name)).unwrap(), &DecodeOptions::default())
 }
 
 /// PNG chunk CRC (ISO 3309), so a hand-made header passes the decoder's checks.
@@ -72,7 +72,7 @@ fn exif_orientation_is_applied() {
 #[test]
 fn each_bad_input_gets_its_own_error() {
     let png = std::fs::read(fixture("photo_250x198.png")).unwrap();
-    let limits = DecodeLimits::default();
+    let limits = DecodeOptions::default();
 
     let err = codec::decode(&png[..png.len() / 2], &limits).unwrap_err();
     assert!(matches!(err, ImageError::Corrupt(_)), "{err:?}");
@@ -85,11 +85,11 @@ fn each_bad_input_gets_its_own_error() {
     assert_eq!(err, ImageError::TooManyPixels { width: 100_000, height: 100_000, limit: limits.max_pixels });
     assert!(err.to_string().contains("10000000000 pixels, more than the limit of 16777216"), "{err}");
 
-    let small = DecodeLimits { max_bytes: 1000, ..limits };
+    let small = DecodeOptions { max_bytes: 1000, ..limits };
     let err = codec::decode(&png, &small).unwrap_err();
     assert_eq!(err, ImageError::TooManyBytes { size: png.len(), limit: 1000 });
 
-    let tiny = DecodeLimits { max_pixels: 250 * 197, ..limits };
+    let tiny = DecodeOptions { max_pixels: 250 * 197, ..limits };
     assert!(matches!(codec::decode(&png, &tiny), Err(ImageError::TooManyPixels { .. })));
 
     let mut four = Vec::new();

@@ -21,7 +21,7 @@ pub struct TranslateArgs {
     #[arg(long, default_value = "auto", env = "CYCLESERVE_DEVICE")]
     device: DeviceSpec,
     /// Largest input accepted, in pixels (width × height).
-    #[arg(long, default_value_t = codec::DecodeLimits::default().max_pixels)]
+    #[arg(long, default_value_t = codec::DecodeOptions::default().max_pixels)]
     max_pixels: u64,
     /// Image to translate (PNG, JPEG, WebP, BMP, GIF, TIFF).
     input: PathBuf,
@@ -36,7 +36,7 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
     model.generator(direction)?;
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
-    let limits = codec::DecodeLimits { max_bytes: usize::MAX, max_pixels: args.max_pixels };
+    let limits = codec::DecodeOptions { max_bytes: usize::MAX, max_pixels: args.max_pixels, max_side: None };
     let image = codec::decode(&bytes, &limits).with_context(|| args.input.display().to_string())?;
     let started = std::time::Instant::now();
     let result = engine::run_batch(&model, direction, &[&image], &device)?.remove(0);

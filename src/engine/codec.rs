@@ -17,18 +17,20 @@ pub const SIZE_MULTIPLE: u32 = 4;
 /// reflection-padded by one pixel.
 pub const MIN_SIDE: u32 = 5;
 
-/// Bounds on what a caller may send.
+/// Bounds on what a caller may send, and how large an image the network is given.
 #[derive(Clone, Copy, Debug)]
-pub struct DecodeLimits {
+pub struct DecodeOptions {
     /// Encoded size in bytes.
     pub max_bytes: usize,
     /// Decoded width × height, checked from the header before any pixel is decoded.
     pub max_pixels: u64,
+    /// Larger images are downscaled (Lanczos3, aspect kept) so their longer side is this long.
+    pub max_side: Option<u32>,
 }
 
-impl Default for DecodeLimits {
+impl Default for DecodeOptions {
     fn default() -> Self {
-        Self { max_bytes: 20 * 1024 * 1024, max_pixels: 16_777_216 }
+        Self { max_bytes: 20 * 1024 * 1024, max_pixels: 16_777_216, max_side: None }
     }
 }
 
@@ -55,6 +57,8 @@ pub struct DecodedImage {
     pub rgb: RgbImage,
     pub alpha: Option<Vec<u8>>,
     pub format: ImageFormat,
+    /// The size before `max_side` downscaling, when that happened.
+    pub downscaled_from: Option<(u32, u32)>,
 }
 
 impl DecodedImage {
@@ -73,7 +77,7 @@ impl DecodedImage {
 
     /// Builds a decoded image from an RGB buffer (no alpha), e.g. a downscaled or generated one.
     pub fn from_rgb(rgb: RgbImage) -> Self {
-        Self { rgb, alpha: None, format: ImageFormat::Png }
+        Self { rgb, alpha: None, format: ImageFormat::Png, downscaled_from: None }
     }
 }
 
@@ -82,8 +86,9 @@ fn padded(side: u32) -> u32 {
 }
 
 /// Sniffs the format from the bytes, checks the limits against the header, decodes, applies the
-/// EXIF orientation and splits off alpha. Grayscale and 16-bit images become 8-bit RGB.
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage, ImageError> {
+/// EXIF orientation, downscales past `max_side`, and splits off alpha. Grayscale and 16-bit
+/// images become 8-bit RGB.
+pub fn decode(bytes: &[u8], limits: &DecodeOptions) -> Result<DecodedImage, ImageError> {
     if bytes.len() > limits.max_bytes {
         return Err(ImageError::TooManyBytes { size: bytes.len(), limit: limits.max_bytes });
     }
@@ -108,11 +113,16 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedImage, Image
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
     image.apply_orientation(orientation);
+    let mut downscaled_from = None;
+    if let Some(side) = limits.max_side.filter(|&s| image.width().max(image.height()) > s) {
+        downscaled_from = Some((image.width(), image.height()));
+        image = image.resize(side, side, image::imageops::FilterType::Lanczos3);
+    }
     if image.width() < MIN_SIDE || image.height() < MIN_SIDE {
         return Err(ImageError::TooSmall { width: image.width(), height: image.height() });
     }
     let alpha = image.color().has_alpha().then(|| image.to_rgba8().pixels().map(|p| p.0[3]).collect());
-    Ok(DecodedImage { rgb: image.to_rgb8(), alpha, format })
+    Ok(DecodedImage { rgb: image.to_rgb8(), alpha, format, downscaled_from })
 }
 
 fn decode_error(format: ImageFormat, err: image::ImageError) -> ImageError {

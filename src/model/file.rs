@@ -190,7 +190,7 @@ impl ModelMetadata {
 }
 
 /// A checked model file: its metadata and the f32 weights of each generator it holds.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ModelFile {
     pub metadata: ModelMetadata,
     /// Weights per direction, keyed by PyTorch name without the `G.`/`F.` prefix.

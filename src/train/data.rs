@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::engine::codec::{self, DecodeLimits};
+use crate::engine::codec::{self, DecodeOptions};
 
 /// Batches each worker prepares ahead of the training loop.
 const PREFETCH_PER_WORKER: usize = 2;
@@ -146,7 +146,7 @@ impl Dataset {
 /// Decodes any image the server accepts, as RGB.
 pub fn read_image(path: &Path) -> anyhow::Result<DynamicImage> {
     let bytes = std::fs::read(path)?;
-    let limits = DecodeLimits { max_bytes: usize::MAX, max_pixels: 1 << 28 };
+    let limits = DecodeOptions { max_bytes: usize::MAX, max_pixels: 1 << 28, max_side: None };
     Ok(DynamicImage::ImageRgb8(codec::decode(&bytes, &limits)?.rgb))
 }
 

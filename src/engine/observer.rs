@@ -1,0 +1,56 @@
+//! Hooks through which the engine reports what it does; the server turns them into metrics.
+
+use std::time::Duration;
+
+use crate::model::Direction;
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Ok,
+    /// Refused at once: the queue was full.
+    Overloaded,
+    /// Its deadline passed before it finished.
+    TimedOut,
+    /// Its caller went away before it was computed; it never reached the network.
+    Dropped,
+    /// The image could not be used.
+    BadImage,
+    /// The network or the encoder failed.
+    Internal,
+    /// Refused because the engine is shutting down.
+    ShuttingDown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Overloaded => "overloaded",
+            Self::TimedOut => "timed_out",
+            Self::Dropped => "dropped",
+            Self::BadImage => "bad_image",
+            Self::Internal => "internal",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// Receives engine events. Every method has a no-op default.
+pub trait Observer: Send + Sync + 'static {
+    /// Requests admitted and not yet being computed (decoding or waiting for a batch).
+    fn queue_depth(&self, _depth: usize) {}
+    /// A request waited this long between joining the queue and its batch starting.
+    fn queue_wait(&self, _wait: Duration) {}
+    /// One batch ran through the network.
+    fn batch(&self, _model: &str, _direction: Direction, _size: usize, _inference: Duration) {}
+    fn decoded(&self, _took: Duration) {}
+    fn encoded(&self, _took: Duration) {}
+    /// A request ended.
+    fn outcome(&self, _outcome: Outcome) {}
+}
+
+/// An observer that ignores everything.
+pub struct NoopObserver;
+
+impl Observer for NoopObserver {}

@@ -1,0 +1,244 @@
+//! The request queue and the dynamic batcher that drains it.
+//!
+//! A batch is the oldest waiting request plus those that share its model, direction and padded
+//! size (instance norm makes mixing sizes wrong), up to `max_batch_size`. It closes when full or
+//! when that oldest request has waited `max_batch_delay`. Always serving the oldest request's
+//! group first keeps the queue FIFO across groups, so a rare size is never starved.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use image::DynamicImage;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use super::codec::DecodedImage;
+use super::EngineError;
+use crate::model::Direction;
+
+/// What requests must share to be computed together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    pub model: usize,
+    pub direction: Direction,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A network result and how it was reached.
+pub struct Computed {
+    pub image: DynamicImage,
+    pub queue_wait: Duration,
+    pub inference: Duration,
+    pub batch_size: usize,
+}
+
+pub type Reply = Result<Computed, EngineError>;
+
+/// A decoded request waiting for the network.
+pub struct Entry {
+    pub key: BatchKey,
+    pub image: DecodedImage,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Reply>,
+    /// Holds the request's queue slot; released when the batcher takes it.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+/// What the batcher takes out of the queue.
+pub struct Taken {
+    pub batch: Vec<Entry>,
+    /// Requests whose caller has gone: they are not computed.
+    pub abandoned: Vec<Entry>,
+    /// Requests whose deadline passed while waiting: they are not computed either.
+    pub expired: Vec<Entry>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: VecDeque<Entry>,
+    closed: bool,
+}
+
+#[derive(Default)]
+pub struct Queue {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking holder leaves the queue itself consistent: recover the guard.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a request; gives it back if the queue is closed.
+    pub fn push(&self, entry: Entry) -> Result<(), Box<Entry>> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Box::new(entry));
+        }
+        state.entries.push_back(entry);
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Stops accepting; what is queued is still handed out, without waiting for batches to fill.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Blocks until a batch is due and returns it; `None` once closed and drained.
+    pub fn next_batch(&self, max_size: usize, max_delay: Duration) -> Option<Taken> {
+        let mut state = self.lock();
+        loop {
+            let now = Instant::now();
+            let (abandoned, expired) = purge(&mut state.entries, now);
+            if !abandoned.is_empty() || !expired.is_empty() {
+                return Some(Taken { batch: Vec::new(), abandoned, expired });
+            }
+            let Some(head) = state.entries.front() else {
+                if state.closed {
+                    return None;
+                }
+                state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let key = head.key;
+            let due = head.enqueued + max_delay;
+            let waiting = state.entries.iter().filter(|e| e.key == key).count();
+            if waiting >= max_size || now >= due || state.closed {
+                let batch = take_group(&mut state.entries, key, max_size);
+                return Some(Taken { batch, abandoned: Vec::new(), expired: Vec::new() });
+            }
+            // Wake at the due time, or earlier if the queue changes (a push may fill the batch).
+            state = self.changed.wait_timeout(state, due - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+/// Removes requests nobody waits for any more, and those past their deadline.
+fn purge(entries: &mut VecDeque<Entry>, now: Instant) -> (Vec<Entry>, Vec<Entry>) {
+    let (mut abandoned, mut expired) = (Vec::new(), Vec::new());
+    if entries.iter().all(|e| !e.reply.is_closed() && e.deadline > now) {
+        return (abandoned, expired);
+    }
+    for entry in std::mem::take(entries) {
+        if entry.reply.is_closed() {
+            abandoned.push(entry);
+        } else if entry.deadline <= now {
+            expired.push(entry);
+        } else {
+            entries.push_back(entry);
+        }
+    }
+    (abandoned, expired)
+}
+
+/// Takes up to `max` entries with `key`, oldest first, leaving the rest in order.
+fn take_group(entries: &mut VecDeque<Entry>, key: BatchKey, max: usize) -> Vec<Entry> {
+    let mut batch = Vec::new();
+    let mut rest = VecDeque::with_capacity(entries.len());
+    for entry in std::mem::take(entries) {
+        if entry.key == key && batch.len() < max {
+            batch.push(entry);
+        } else {
+            rest.push_back(entry);
+        }
+    }
+    *entries = rest;
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(width: u32, direction: Direction) -> (Entry, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        let image = DecodedImage::from_rgb(image::RgbImage::new(width, 8));
+        let key = BatchKey { model: 0, direction, width, height: 8 };
+        let now = Instant::now();
+        let entry =
+            Entry { key, image, enqueued: now, deadline: now + Duration::from_secs(60), reply, slot: None };
+        (entry, rx)
+    }
+
+    #[test]
+    fn batches_group_by_key_in_fifo_order_and_respect_the_size_limit() {
+        let queue = Queue::default();
+        let mut receivers = Vec::new();
+        for (w, d) in [
+            (8, Direction::XtoY),
+            (12, Direction::XtoY),
+            (8, Direction::XtoY),
+            (8, Direction::YtoX),
+            (8, Direction::XtoY),
+            (8, Direction::XtoY),
+        ] {
+            let (e, rx) = entry(w, d);
+            queue.push(e).map_err(|_| "closed").unwrap();
+            receivers.push(rx);
+        }
+        let take = |q: &Queue| q.next_batch(3, Duration::ZERO).unwrap().batch;
+        let widths = |b: &[Entry]| b.iter().map(|e| (e.key.width, e.key.direction)).collect::<Vec<_>>();
+        assert_eq!(widths(&take(&queue)), vec![(8, Direction::XtoY); 3], "oldest group, capped at 3");
+        assert_eq!(widths(&take(&queue)), vec![(12, Direction::XtoY)], "then the next oldest: no starvation");
+        assert_eq!(widths(&take(&queue)), vec![(8, Direction::YtoX)]);
+        assert_eq!(widths(&take(&queue)), vec![(8, Direction::XtoY)]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_batch_waits_for_the_delay_unless_full() {
+        let queue = Queue::default();
+        let (e, _rx) = entry(8, Direction::XtoY);
+        queue.push(e).map_err(|_| "closed").unwrap();
+        let started = Instant::now();
+        let taken = queue.next_batch(4, Duration::from_millis(80)).unwrap();
+        assert_eq!(taken.batch.len(), 1);
+        assert!(started.elapsed() >= Duration::from_millis(60), "closed by the delay");
+
+        let mut keep = Vec::new();
+        for _ in 0..4 {
+            let (e, rx) = entry(8, Direction::XtoY);
+            queue.push(e).map_err(|_| "closed").unwrap();
+            keep.push(rx);
+        }
+        let started = Instant::now();
+        assert_eq!(queue.next_batch(4, Duration::from_secs(10)).unwrap().batch.len(), 4);
+        assert!(started.elapsed() < Duration::from_secs(1), "closed at once when full");
+    }
+
+    #[test]
+    fn abandoned_requests_are_removed_and_closing_drains() {
+        let queue = Queue::default();
+        let (gone, rx) = entry(8, Direction::XtoY);
+        drop(rx);
+        queue.push(gone).map_err(|_| "closed").unwrap();
+        let (live, _rx) = entry(8, Direction::XtoY);
+        queue.push(live).map_err(|_| "closed").unwrap();
+        let taken = queue.next_batch(4, Duration::from_secs(10)).unwrap();
+        assert_eq!((taken.batch.len(), taken.abandoned.len()), (0, 1));
+        queue.close();
+        assert_eq!(
+            queue.next_batch(4, Duration::from_secs(10)).unwrap().batch.len(),
+            1,
+            "no delay once closed"
+        );
+        assert!(queue.next_batch(4, Duration::from_secs(10)).is_none());
+        let (late, _rx) = entry(8, Direction::XtoY);
+        assert!(queue.push(late).is_err());
+    }
+}
