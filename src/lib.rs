@@ -8,5 +8,6 @@
 pub mod cli;
 pub mod device;
 pub mod engine;
+pub mod http;
 pub mod model;
 pub mod train;

@@ -1,34 +1,84 @@
-//! The `cycleserve` command line: one subcommand per file.
+//! The `cycleserve` command line: one subcommand per file. With no subcommand it serves.
 
+mod healthcheck;
 mod import;
+mod serve;
 mod translate;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "cycleserve", version, about = "CycleGAN style transfer: serve, translate, import")]
+#[command(
+    name = "cycleserve",
+    version,
+    about = "CycleGAN style transfer: serve, translate, import",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: serve::ServeArgs,
+    #[command(flatten)]
+    logging: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the models over HTTP (the default).
+    Serve {
+        #[command(flatten)]
+        args: serve::ServeArgs,
+        #[command(flatten)]
+        logging: LogArgs,
+    },
     /// Translate one image file with a model file and write the result as PNG.
     Translate(translate::TranslateArgs),
     /// Convert PyTorch generator checkpoints (.pth) into a cycleserve model file.
     Import(import::ImportArgs),
+    /// Exit 0 if the server is ready (GET /readyz answers 200), 1 otherwise.
+    Healthcheck(healthcheck::HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log lines as text or as JSON objects.
+    #[arg(long, env = "CYCLESERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter: a level (info, debug…) or tracing directives (`cycleserve=debug,tower_http=info`).
+    #[arg(long, env = "CYCLESERVE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
 }
 
 /// Entry point of the `cycleserve` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let result = match cli.command {
-        Command::Translate(args) => translate::run(args),
-        Command::Import(args) => import::run(args),
+        None => {
+            init_logging(&cli.logging);
+            serve::run(cli.serve)
+        }
+        Some(Command::Serve { args, logging }) => {
+            init_logging(&logging);
+            serve::run(args)
+        }
+        Some(command) => {
+            init_logging(&cli.logging);
+            match command {
+                Command::Translate(args) => translate::run(args),
+                Command::Import(args) => import::run(args),
+                Command::Healthcheck(args) => healthcheck::run(args),
+                Command::Serve { .. } => unreachable!("handled above"),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -39,8 +89,12 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub(crate) fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CYCLESERVE_LOG_LEVEL")
+pub(crate) fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }

@@ -28,6 +28,8 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     train: TrainArgs,
+    #[command(flatten)]
+    logging: crate::cli::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,7 +147,7 @@ struct ExportArgs {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::cli::init_logging();
+    crate::cli::init_logging(&cli.logging);
     let result = match cli.command {
         Some(Command::Export(args)) => run_export(args),
         None => train(cli.train),

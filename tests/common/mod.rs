@@ -37,3 +37,15 @@ pub fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
 pub fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
     tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
 }
+
+pub mod server;
+
+/// A folder holding the golden upsample generator (both directions) as model `tiny`.
+pub fn tiny_models_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let pth = golden("generator_upsample.pth");
+    let domains = cycleserve::model::Domains::parse("photo,painting").unwrap();
+    cycleserve::model::import::import(&pth, Some(&pth), domains, &dir.path().join("tiny.safetensors"))
+        .unwrap();
+    dir
+}

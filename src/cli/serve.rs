@@ -1,0 +1,109 @@
+//! `cycleserve serve` (and plain `cycleserve`): the HTTP server.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::device::{device_name, DeviceSpec};
+use crate::engine::catalog::load_models_dir;
+use crate::engine::codec::DecodeOptions;
+use crate::engine::{Engine, EngineConfig};
+use crate::http::{self, metrics, server, AppState, ServerConfig};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CYCLESERVE_HOST", default_value = "0.0.0.0")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the log says which).
+    #[arg(long, env = "CYCLESERVE_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Folder whose *.safetensors model files are all loaded; a file's name is its model name.
+    #[arg(long, env = "CYCLESERVE_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+    /// Where the networks run: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "CYCLESERVE_DEVICE", default_value = "auto")]
+    device: DeviceSpec,
+    /// Most images per network run.
+    #[arg(long, env = "CYCLESERVE_MAX_BATCH_SIZE", default_value_t = 8)]
+    max_batch_size: usize,
+    /// Longest a request waits for others to share its batch, in milliseconds.
+    #[arg(long, env = "CYCLESERVE_MAX_BATCH_DELAY_MS", default_value_t = 5)]
+    max_batch_delay_ms: u64,
+    /// Requests admitted but not yet computing; more get 503 with Retry-After.
+    #[arg(long, env = "CYCLESERVE_QUEUE_CAPACITY", default_value_t = 64)]
+    queue_capacity: usize,
+    /// Deadline per request, from admission to encoded result, in milliseconds (504 after).
+    #[arg(long, env = "CYCLESERVE_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    request_timeout_ms: u64,
+    /// Largest image upload, in bytes (413 beyond).
+    #[arg(long, env = "CYCLESERVE_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Largest image, in pixels (width × height), checked before decoding (413 beyond).
+    #[arg(long, env = "CYCLESERVE_MAX_PIXELS", default_value_t = 16_777_216)]
+    max_pixels: u64,
+    /// Downscale inputs whose longer side exceeds this (Lanczos3) before translating; off by
+    /// default, so results have the input's size.
+    #[arg(long, env = "CYCLESERVE_MAX_SIDE")]
+    max_side: Option<u32>,
+    /// Origins allowed by CORS, comma-separated (`*` for any); CORS is off when empty.
+    #[arg(long, env = "CYCLESERVE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
+    cors_origins: Vec<String>,
+    /// Seconds to finish in-flight requests after SIGTERM before exiting anyway.
+    #[arg(long, env = "CYCLESERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let device = args.device.open()?;
+    let device_label = device_name(&device);
+    let models = load_models_dir(&args.models_dir)?;
+    for (info, _) in &models {
+        tracing::info!(
+            model = %info.name,
+            directions = ?info.direction_names().into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+            architecture = %crate::model::file::describe(&info.metadata.architecture),
+            sha256 = %info.sha256,
+            "loading"
+        );
+    }
+    let request_timeout = Duration::from_millis(args.request_timeout_ms);
+    let config = EngineConfig {
+        max_batch_size: args.max_batch_size.max(1),
+        max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
+        queue_capacity: args.queue_capacity.max(1),
+        request_timeout,
+        decode: DecodeOptions {
+            max_bytes: args.max_body_bytes,
+            max_pixels: args.max_pixels,
+            max_side: args.max_side,
+        },
+    };
+    let metrics_handle = metrics::install(env!("CARGO_PKG_VERSION"), &device_label)?;
+    metrics::spawn_upkeep(metrics_handle.clone());
+    let engine = Engine::new(models, vec![device], config, Arc::new(metrics::PrometheusObserver));
+    let state = AppState {
+        engine: Arc::new(engine),
+        metrics: Some(metrics_handle),
+        shutting_down: Arc::new(AtomicBool::new(false)),
+        device: device_label,
+        max_body_bytes: args.max_body_bytes,
+    };
+    let server_config = ServerConfig {
+        addr: server::address(&args.host, args.port)?,
+        max_body_bytes: args.max_body_bytes,
+        cors_origins: args.cors_origins.into_iter().filter(|o| !o.is_empty()).collect(),
+        // Uploads and queueing are covered by the engine's deadline; this only catches the rest.
+        request_timeout: request_timeout + Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+    };
+    http::server::serve(state, server_config).await
+}

@@ -1,0 +1,40 @@
+//! The HTTP service: routes, errors, metrics and shutdown, each in its own file, over the
+//! [`crate::engine`].
+
+pub mod error;
+pub mod handlers;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::engine::Engine;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub metrics: Option<PrometheusHandle>,
+    /// Set on SIGTERM: readiness fails and new requests are refused.
+    pub shutting_down: Arc<AtomicBool>,
+    /// The device the models run on, as reported by `/v1/models`.
+    pub device: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub max_body_bytes: usize,
+    /// Origins allowed by CORS; empty turns CORS off, `*` allows any.
+    pub cors_origins: Vec<String>,
+    /// Backstop for a whole request, body upload included (the engine's own deadline is shorter).
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+}

@@ -1,0 +1,151 @@
+//! The router, its middleware stack, and the serve loop with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use super::error::ApiError;
+use super::handlers::{self, MULTIPART_OVERHEAD};
+use super::{metrics, shutdown, AppState, ServerConfig};
+
+/// All routes with their middleware.
+pub fn router(state: AppState, config: &ServerConfig) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    // The image limit is enforced while reading (with a JSON 413); this layer refuses a declared
+    // Content-Length over it before any of the body is read.
+    let translate = Router::new()
+        .route("/translate", post(handlers::translate))
+        .layer(RequestBodyLimitLayer::new(config.max_body_bytes + MULTIPART_OVERHEAD))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let api = Router::new()
+        .merge(translate)
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{name}", get(handlers::model))
+        .route("/openapi.yaml", get(handlers::openapi))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .with_state(state);
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
+            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            tracing::info_span!(
+                "request",
+                method = %request.method(),
+                route = route.as_deref().unwrap_or(request.uri().path()),
+                request_id = id,
+            )
+        })
+        .on_response(
+            DefaultOnResponse::new().level(Level::INFO).latency_unit(tower_http::LatencyUnit::Millis),
+        );
+    let middleware = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(trace)
+        .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(cors(&config.cors_origins))
+        .layer(middleware::from_fn(json_errors))
+        .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timed_out", "the request took too long")
+        }))
+        .timeout(config.request_timeout);
+    api.layer(middleware::from_fn(metrics::track)).layer(middleware)
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    let expose = [HeaderName::from_static("x-request-id"), HeaderName::from_static("server-timing")];
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::ACCEPT])
+        .expose_headers(expose);
+    if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(AllowOrigin::any())
+    } else {
+        layer.allow_origin(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect::<Vec<_>>())
+    }
+}
+
+/// Gives the few error responses that middleware writes (oversized bodies, for one) the same
+/// JSON body as every other error.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() && !status.is_server_error() || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_many_bytes",
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => "timed_out",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::NOT_FOUND => "not_found",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_string();
+    let mut json = ApiError::new(status, code, message).into_response();
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
+}
+
+/// Serves until SIGTERM/SIGINT, then drains: readiness fails at once, new requests are refused,
+/// in-flight ones finish, the engine completes its queue, and the process exits within
+/// `config.shutdown_grace`.
+pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.addr).await?;
+    let local: SocketAddr = listener.local_addr()?;
+    tracing::info!(address = %local, "listening");
+    let app = router(state.clone(), &config);
+    let flag = state.shutting_down.clone();
+    let grace = config.shutdown_grace;
+    let drained = async move {
+        shutdown::signal().await;
+        flag.store(true, Ordering::SeqCst);
+        tracing::info!(grace_seconds = grace.as_secs_f64(), "draining");
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::error!("requests still running after the grace period; exiting");
+            std::process::exit(1);
+        });
+    };
+    axum::serve(listener, app).with_graceful_shutdown(drained).await?;
+    state.engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The bind address from host and port.
+pub fn address(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port).to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve host `{host}`"))
+}
+
+/// How long to wait, at most, between SIGTERM and exit.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
