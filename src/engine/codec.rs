@@ -2,7 +2,8 @@
 //!
 //! Pixels map to `u8 / 127.5 - 1` on the way in and `round((y + 1) * 127.5)` on the way out.
 //! Sizes that are not multiples of 4 are reflect-padded on the right and bottom and cropped back
-//! afterwards, which reproduces what PyTorch computes on the padded image.
+//! afterwards, which reproduces what PyTorch computes on the padded image. Sides under 8 pixels
+//! are padded up to 8 (reflecting repeatedly when the padding outgrows the image).
 
 use std::io::Cursor;
 
@@ -13,9 +14,9 @@ use crate::model::layers::reflect_indices;
 
 /// The generator downsamples twice, so it maps sizes that are multiples of 4 onto themselves.
 pub const SIZE_MULTIPLE: u32 = 4;
-/// The smallest side the generator accepts: padded to 8, its 2×2 bottleneck can still be
-/// reflection-padded by one pixel.
-pub const MIN_SIDE: u32 = 5;
+/// The smallest side the generator runs at: its 2×2 bottleneck can still be reflection-padded
+/// by one pixel. Smaller images are padded up to it and cropped back.
+pub const MIN_NETWORK_SIDE: u32 = 8;
 
 /// Bounds on what a caller may send, and how large an image the network is given.
 #[derive(Clone, Copy, Debug)]
@@ -45,8 +46,8 @@ pub enum ImageError {
     Unsupported(String),
     #[error("image data is corrupt or truncated: {0}")]
     Corrupt(String),
-    #[error("image is {width}×{height}; both sides must be at least {MIN_SIDE} pixels")]
-    TooSmall { width: u32, height: u32 },
+    #[error("image is {width}×{height}: it has no pixels")]
+    Empty { width: u32, height: u32 },
     #[error("cannot encode the result: {0}")]
     Encode(String),
 }
@@ -70,7 +71,7 @@ impl DecodedImage {
         self.rgb.height()
     }
 
-    /// The size the network runs at: each side rounded up to a multiple of 4.
+    /// The size the network runs at: each side rounded up to a multiple of 4, and to at least 8.
     pub fn padded_size(&self) -> (u32, u32) {
         (padded(self.width()), padded(self.height()))
     }
@@ -82,7 +83,7 @@ impl DecodedImage {
 }
 
 fn padded(side: u32) -> u32 {
-    side.div_ceil(SIZE_MULTIPLE) * SIZE_MULTIPLE
+    (side.div_ceil(SIZE_MULTIPLE) * SIZE_MULTIPLE).max(MIN_NETWORK_SIDE)
 }
 
 /// Sniffs the format from the bytes, checks the limits against the header, decodes, applies the
@@ -118,8 +119,8 @@ pub fn decode(bytes: &[u8], limits: &DecodeOptions) -> Result<DecodedImage, Imag
         downscaled_from = Some((image.width(), image.height()));
         image = image.resize(side, side, image::imageops::FilterType::Lanczos3);
     }
-    if image.width() < MIN_SIDE || image.height() < MIN_SIDE {
-        return Err(ImageError::TooSmall { width: image.width(), height: image.height() });
+    if image.width() == 0 || image.height() == 0 {
+        return Err(ImageError::Empty { width: image.width(), height: image.height() });
     }
     let alpha = image.color().has_alpha().then(|| image.to_rgba8().pixels().map(|p| p.0[3]).collect());
     Ok(DecodedImage { rgb: image.to_rgb8(), alpha, format, downscaled_from })

@@ -66,7 +66,7 @@ impl From<EngineError> for ApiError {
                 ImageError::TooManyPixels { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels"),
                 ImageError::Unsupported(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image"),
                 ImageError::Corrupt(_) => (StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image"),
-                ImageError::TooSmall { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_small"),
+                ImageError::Empty { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
                 ImageError::Encode(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
         };

@@ -64,7 +64,7 @@ async fn run_translation(
     target: Target,
     request: Request,
 ) -> Result<Translation, ApiError> {
-    let format = negotiate(request.headers().get(header::ACCEPT))?;
+    let format = negotiate(request.headers().get(header::ACCEPT));
     let bytes = image_body(request, state.max_body_bytes).await?;
     Ok(state.engine.translate(target, bytes, format).await?)
 }
@@ -96,9 +96,10 @@ fn translation_response(state: &AppState, target: Target, t: Translation) -> Res
     (StatusCode::OK, headers, t.bytes).into_response()
 }
 
-/// Picks the result format from `Accept`: PNG unless JPEG or WebP is preferred.
-fn negotiate(accept: Option<&HeaderValue>) -> Result<OutputFormat, ApiError> {
-    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else { return Ok(OutputFormat::Png) };
+/// Picks the result format from `Accept`: the most preferred of PNG, JPEG and WebP. An `Accept`
+/// naming none of them is disregarded (RFC 9110 §12.5.1 allows either that or 406) and gets PNG.
+fn negotiate(accept: Option<&HeaderValue>) -> OutputFormat {
+    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else { return OutputFormat::Png };
     let mut best: Option<(f32, OutputFormat)> = None;
     for item in accept.split(',') {
         let mut parts = item.split(';').map(str::trim);
@@ -114,13 +115,7 @@ fn negotiate(accept: Option<&HeaderValue>) -> Result<OutputFormat, ApiError> {
             best = Some((q, format));
         }
     }
-    best.map(|(_, f)| f).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_ACCEPTABLE,
-            "not_acceptable",
-            format!("cannot answer `Accept: {accept}`: results are image/png, image/jpeg or image/webp"),
-        )
-    })
+    best.map_or(OutputFormat::Png, |(_, f)| f)
 }
 
 /// The image bytes: the raw body, or the `image` field of a multipart form.
@@ -297,12 +292,13 @@ mod tests {
 
     #[test]
     fn accept_picks_the_preferred_supported_format() {
-        let pick = |s: &str| negotiate(Some(&HeaderValue::from_str(s).unwrap())).map_err(|e| e.status);
-        assert_eq!(pick("image/webp"), Ok(OutputFormat::Webp));
-        assert_eq!(pick("image/jpeg;q=0.9, image/png;q=0.5"), Ok(OutputFormat::Jpeg));
-        assert_eq!(pick("text/html, */*;q=0.1"), Ok(OutputFormat::Png));
-        assert_eq!(pick("image/avif, image/webp;q=0.8, image/*;q=0.5"), Ok(OutputFormat::Webp));
-        assert_eq!(pick("text/html"), Err(StatusCode::NOT_ACCEPTABLE));
-        assert_eq!(negotiate(None).unwrap(), OutputFormat::Png);
+        let pick = |s: &str| negotiate(Some(&HeaderValue::from_str(s).unwrap()));
+        assert_eq!(pick("image/webp"), OutputFormat::Webp);
+        assert_eq!(pick("image/jpeg;q=0.9, image/png;q=0.5"), OutputFormat::Jpeg);
+        assert_eq!(pick("text/html, */*;q=0.1"), OutputFormat::Png);
+        assert_eq!(pick("image/avif, image/webp;q=0.8, image/*;q=0.5"), OutputFormat::Webp);
+        assert_eq!(pick("text/html"), OutputFormat::Png);
+        assert_eq!(pick(""), OutputFormat::Png);
+        assert_eq!(negotiate(None), OutputFormat::Png);
     }
 }

@@ -8,19 +8,18 @@ use candle_nn::VarBuilder;
 pub const NORM_EPS: f64 = 1e-5;
 
 /// Source index of each output position when reflecting `before`/`after` extra entries around a
-/// dimension of length `len` (PyTorch `ReflectionPad`: the edge itself is not repeated).
+/// dimension of length `len`, as PyTorch's `ReflectionPad` does (the edge itself is not
+/// repeated). Padding wider than the dimension keeps reflecting back and forth, which PyTorch
+/// refuses; a dimension of length 1 repeats its one entry.
 pub(crate) fn reflect_indices(len: usize, before: usize, after: usize) -> Vec<u32> {
-    let last = len as i64 - 1;
+    let period = 2 * (len as i64 - 1);
     (-(before as i64)..len as i64 + after as i64)
         .map(|i| {
-            let reflected = if i < 0 {
-                -i
-            } else if i > last {
-                2 * last - i
-            } else {
-                i
-            };
-            reflected as u32
+            if period == 0 {
+                return 0;
+            }
+            let folded = i.rem_euclid(period);
+            (if folded >= len as i64 { period - folded } else { folded }) as u32
         })
         .collect()
 }
@@ -114,6 +113,8 @@ mod tests {
         // ReflectionPad1d(2) on [0 1 2 3] gives [2 1 0 1 2 3 2 1].
         assert_eq!(reflect_indices(4, 2, 2), vec![2, 1, 0, 1, 2, 3, 2, 1]);
         assert_eq!(reflect_indices(5, 0, 3), vec![0, 1, 2, 3, 4, 3, 2, 1]);
+        assert_eq!(reflect_indices(2, 0, 6), vec![0, 1, 0, 1, 0, 1, 0, 1]);
+        assert_eq!(reflect_indices(1, 0, 3), vec![0, 0, 0, 0]);
     }
 
     #[test]
