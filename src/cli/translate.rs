@@ -11,8 +11,8 @@ use crate::model::Model;
 
 #[derive(Debug, Args)]
 pub struct TranslateArgs {
-    /// Model file (.safetensors) to translate with.
-    #[arg(long, env = "CYCLESERVE_MODEL")]
+    /// Model file (.safetensors) to translate with; the shipped photo ↔ painting model by default.
+    #[arg(long, env = "CYCLESERVE_MODEL", default_value = "models/photo2painting.safetensors")]
     model: PathBuf,
     /// `x2y`, `y2x`, or the domain-named form such as `photo2painting`.
     #[arg(long, default_value = "x2y")]
