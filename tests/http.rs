@@ -69,6 +69,10 @@ async fn routes_formats_and_every_client_error() {
     let r =
         translate("direction=x2y").header(ACCEPT, "image/webp").body(png("gray16.png")).send().await.unwrap();
     assert_eq!(r.headers()[CONTENT_TYPE], "image/webp");
+    // A 4×4 icon runs padded to 8×8; an Accept naming nothing we make is disregarded.
+    let r = translate("direction=x2y").header(ACCEPT, "text/html").body(tiny_png()).send().await.unwrap();
+    assert_eq!(r.headers()[CONTENT_TYPE], "image/png");
+    assert_eq!(image::load_from_memory(&r.bytes().await.unwrap()).unwrap().width(), 4);
 
     let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
         (translate("model=tiny").body(png("gray16.png")), StatusCode::BAD_REQUEST, "missing_direction"),

@@ -1,0 +1,244 @@
+//! Throughput benchmarks (`cargo bench --bench bench -- <what> [options]`):
+//!
+//! - `network`: images/s through the bare network at several batch sizes;
+//! - `engine`: end-to-end images/s through the engine (decode, queue, batch, network, encode)
+//!   with 1, 4 and 16 concurrent callers, batching on and off, and the engine's overhead;
+//! - `forward`: ms/image of one configuration, as JSON (used by `benches/cpu_compare.py`);
+//! - `train`: cycletrain iterations/s of the default architecture at 128² and 256².
+//!
+//! Every number is measured in the same run as the numbers it is compared with.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use candle_core::{Device, Tensor};
+use clap::{Parser, Subcommand};
+use cycleserve::engine::catalog::load_model;
+use cycleserve::engine::codec::OutputFormat;
+use cycleserve::engine::observer::NoopObserver;
+use cycleserve::engine::{Engine, EngineConfig, Target};
+use cycleserve::model::{Direction, Family, GeneratorConfig, Model};
+use cycleserve::train::optim::AdamConfig;
+use cycleserve::train::{TrainConfig, Trainer};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    what: What,
+    /// cargo passes this to every bench target.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Subcommand)]
+enum What {
+    Network {
+        #[arg(long, default_value = "models/photo2painting.safetensors")]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        batches: Vec<usize>,
+        /// Images per measurement (at least one batch).
+        #[arg(long, default_value_t = 16)]
+        images: usize,
+    },
+    Engine {
+        #[arg(long, default_value = "models/photo2painting.safetensors")]
+        model: PathBuf,
+        #[arg(long, default_value = "tests/fixtures/photo_256x256.png")]
+        image: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        callers: Vec<usize>,
+        #[arg(long, default_value_t = 32)]
+        requests: usize,
+    },
+    Forward {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
+    Train {
+        #[arg(long, value_delimiter = ',', default_value = "128,256")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 64)]
+        ngf: usize,
+        #[arg(long, default_value_t = 9)]
+        blocks: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().what {
+        What::Network { model, size, batches, images } => network(&model, size, &batches, images),
+        What::Engine { model, image, callers, requests } => engine(&model, &image, &callers, requests),
+        What::Forward { model, size, batch, iters } => forward(&model, size, batch, iters),
+        What::Train { sizes, steps, ngf, blocks } => train(&sizes, steps, ngf, blocks),
+    }
+}
+
+/// Seconds per call of `f`, the best of `rounds` after one warm-up call.
+fn best_of(rounds: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        f()?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn input(batch: usize, size: usize) -> anyhow::Result<Tensor> {
+    Ok(Tensor::rand(-1f32, 1., (batch, 3, size, size), &Device::Cpu)?)
+}
+
+fn network(model: &Path, size: usize, batches: &[usize], images: usize) -> anyhow::Result<()> {
+    let model = Model::load(model, &Device::Cpu)?;
+    let arch = model.metadata.architecture;
+    println!("bare network, {arch:?}, {size}×{size}, {} threads", candle_core::utils::get_num_threads());
+    println!("| batch | ms/batch | ms/image | images/s |");
+    println!("|---|---|---|---|");
+    for &batch in batches {
+        let x = input(batch, size)?;
+        let reps = images.div_ceil(batch).max(1);
+        let seconds = best_of(2, || {
+            for _ in 0..reps {
+                model.forward(Direction::XtoY, &x)?;
+            }
+            Ok(())
+        })? / reps as f64;
+        println!(
+            "| {batch} | {:.1} | {:.1} | {:.2} |",
+            seconds * 1e3,
+            seconds * 1e3 / batch as f64,
+            batch as f64 / seconds
+        );
+    }
+    Ok(())
+}
+
+fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let bytes = Bytes::from(std::fs::read(image)?);
+    println!("engine end to end, {}, {requests} requests per row", image.display());
+    println!("| batching | callers | images/s | mean batch | decode ms | queue ms | network ms/batch | encode ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (label, max_batch_size) in [("off", 1), ("on (≤8, 5 ms)", 8)] {
+        let config = EngineConfig {
+            max_batch_size,
+            max_batch_delay: Duration::from_millis(5),
+            queue_capacity: 1024,
+            ..Default::default()
+        };
+        let engine = Arc::new(Engine::new(
+            vec![load_model(model)?],
+            vec![Device::Cpu],
+            config,
+            Arc::new(NoopObserver),
+        ));
+        while !engine.is_ready() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let target = Target { model: 0, direction: Direction::XtoY };
+        for &n in callers {
+            let started = Instant::now();
+            let timings = runtime.block_on(async {
+                let mut tasks = Vec::new();
+                for caller in 0..n {
+                    let (engine, bytes) = (Arc::clone(&engine), bytes.clone());
+                    let share = requests / n + usize::from(caller < requests % n);
+                    tasks.push(tokio::spawn(async move {
+                        let mut done = Vec::new();
+                        for _ in 0..share {
+                            done.push(engine.translate(target, bytes.clone(), OutputFormat::Png).await?);
+                        }
+                        anyhow::Ok(done)
+                    }));
+                }
+                let mut all = Vec::new();
+                for task in tasks {
+                    all.extend(task.await??);
+                }
+                anyhow::Ok(all)
+            })?;
+            let seconds = started.elapsed().as_secs_f64();
+            let mean = |f: &dyn Fn(&cycleserve::engine::Translation) -> f64| {
+                timings.iter().map(f).sum::<f64>() / timings.len() as f64
+            };
+            println!(
+                "| {label} | {n} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                timings.len() as f64 / seconds,
+                mean(&|t| t.batch_size as f64),
+                mean(&|t| t.timings.decode.as_secs_f64() * 1e3),
+                mean(&|t| t.timings.queue.as_secs_f64() * 1e3),
+                mean(&|t| t.timings.inference.as_secs_f64() * 1e3),
+                mean(&|t| t.timings.encode.as_secs_f64() * 1e3),
+            );
+        }
+        runtime.block_on(engine.shutdown());
+    }
+    Ok(())
+}
+
+fn forward(model: &Path, size: usize, batch: usize, iters: usize) -> anyhow::Result<()> {
+    let model = Model::load(model, &Device::Cpu)?;
+    let x = input(batch, size)?;
+    let seconds = best_of(iters, || Ok(model.forward(Direction::XtoY, &x).map(|_| ())?))?;
+    println!(
+        "{}",
+        serde_json::json!({ "ms_per_image": seconds * 1e3 / batch as f64, "size": size, "batch": batch })
+    );
+    Ok(())
+}
+
+fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Result<()> {
+    println!(
+        "cycletrain step (G, F, D_X, D_Y updates), upsample ngf {ngf}, {blocks} blocks, ndf 64, batch 1, CPU"
+    );
+    println!("| crop | s/iteration | iterations/s |");
+    println!("|---|---|---|");
+    for &size in sizes {
+        let config = TrainConfig {
+            x_dir: "unused".into(),
+            y_dir: "unused".into(),
+            generator: GeneratorConfig {
+                family: Family::Upsample,
+                ngf,
+                n_blocks: blocks,
+                norm_affine: false,
+            },
+            discriminator: cycleserve::model::DiscriminatorConfig { ndf: 64 },
+            load_size: size as u32,
+            crop_size: size as u32,
+            flip: false,
+            batch_size: 1,
+            epochs: 1,
+            epochs_decay: 0,
+            adam: AdamConfig { lr: 2e-4, beta1: 0.5, beta2: 0.999, eps: 1e-8 },
+            lambda_cycle: 10.0,
+            lambda_identity: 0.5,
+            pool_size: 50,
+            seed: 0,
+        };
+        let mut trainer = Trainer::new(config, &Device::Cpu)?;
+        let (x, y) = (input(1, size)?, input(1, size)?);
+        trainer.step(&x, &y)?;
+        let started = Instant::now();
+        for _ in 0..steps {
+            trainer.step(&x, &y)?;
+        }
+        let seconds = started.elapsed().as_secs_f64() / steps as f64;
+        println!("| {size}² | {seconds:.2} | {:.3} |", 1.0 / seconds);
+    }
+    Ok(())
+}
