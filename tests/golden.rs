@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device, Module};
 use candle_nn::VarBuilder;
 use common::*;
+use cycleserve::model::fast::FastGenerator;
 use cycleserve::model::import::read_checkpoint;
 use cycleserve::model::{Discriminator, DiscriminatorConfig, Family, Generator, GeneratorConfig};
 
@@ -31,6 +32,7 @@ fn check_generator(name: &str) {
     let generator = Generator::new(config, vb).unwrap();
     let imported = read_checkpoint(&golden(&format!("{name}.pth"))).unwrap();
     assert_eq!(imported.config, config, "{name}.pth imports to a different architecture");
+    let fast = FastGenerator::new(config, &imported.weights).unwrap();
     let from_pth =
         Generator::new(config, VarBuilder::from_tensors(imported.weights, DType::F32, &Device::Cpu)).unwrap();
 
@@ -42,7 +44,12 @@ fn check_generator(name: &str) {
         assert!(err < TOLERANCE, "{name} case {case} {:?}: relative L2 {err:e}", input.dims());
         let err_pth = relative_l2(&from_pth.forward(input).unwrap(), expected);
         assert!(err_pth < TOLERANCE, "{name}.pth case {case}: relative L2 {err_pth:e}");
-        println!("{name} case {case} {:?}: relative L2 {err:.2e}", input.dims());
+        let err_fast = relative_l2(&fast.forward(input).unwrap(), expected);
+        assert!(err_fast < TOLERANCE, "{name} case {case}, fast CPU executor: relative L2 {err_fast:e}");
+        println!(
+            "{name} case {case} {:?}: relative L2 {err:.2e} (candle), {err_fast:.2e} (fast)",
+            input.dims()
+        );
     }
 }
 

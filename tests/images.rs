@@ -91,13 +91,19 @@ fn each_bad_input_gets_its_own_error() {
 
     let tiny = DecodeOptions { max_pixels: 250 * 197, ..limits };
     assert!(matches!(codec::decode(&png, &tiny), Err(ImageError::TooManyPixels { .. })));
+}
 
-    let mut four = Vec::new();
-    image::RgbImage::new(4, 30)
-        .write_to(&mut std::io::Cursor::new(&mut four), image::ImageFormat::Png)
-        .unwrap();
-    let err = codec::decode(&four, &limits).unwrap_err();
-    assert_eq!(err.to_string(), "image is 4×30; both sides must be at least 5 pixels");
+#[test]
+fn tiny_images_are_padded_up_to_the_networks_minimum() {
+    let one = codec::DecodedImage::from_rgb(image::RgbImage::from_pixel(1, 30, image::Rgb([10, 20, 30])));
+    assert_eq!(one.padded_size(), (8, 32));
+    let data = codec::to_network_input(&[&one], 8, 32);
+    assert!(data[..8 * 32].iter().all(|&v| v == data[0]), "a 1-pixel-wide image repeats its column");
+    let stripes =
+        codec::DecodedImage::from_rgb(image::RgbImage::from_fn(2, 8, |x, _| image::Rgb([x as u8, 0, 0])));
+    let data = codec::to_network_input(&[&stripes], 8, 8);
+    let red = |x: usize| ((data[x] + 1.0) * 127.5).round() as u8;
+    assert_eq!((0..8).map(red).collect::<Vec<_>>(), vec![0, 1, 0, 1, 0, 1, 0, 1], "reflects back and forth");
 }
 
 #[test]

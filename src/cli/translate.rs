@@ -33,7 +33,7 @@ pub fn run(args: TranslateArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let model = Model::load(&args.model, &device)?;
     let direction = model.metadata.domains.parse_direction(&args.direction).map_err(anyhow::Error::msg)?;
-    model.generator(direction)?;
+    model.ensure_direction(direction)?;
     let bytes =
         std::fs::read(&args.input).with_context(|| format!("cannot read {}", args.input.display()))?;
     let limits = codec::DecodeOptions { max_bytes: usize::MAX, max_pixels: args.max_pixels, max_side: None };

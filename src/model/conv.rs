@@ -13,6 +13,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
+use super::gemm::{matmul, Mat, Threads};
+
 /// Upper bound on one im2col tile, in elements (16 MiB of f32).
 const TILE_ELEMENTS: usize = 4 << 20;
 
@@ -137,67 +139,6 @@ fn col2im_add<T: WithDType>(col: &[T], g: &Geometry, rows: Range<usize>, x: &mut
     });
 }
 
-/// A row-major matrix view: pointer, rows, columns and strides.
-#[derive(Clone, Copy)]
-struct Mat<T> {
-    ptr: *const T,
-    rows: usize,
-    cols: usize,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl<T> Mat<T> {
-    fn new(data: &[T], rows: usize, cols: usize, row_stride: usize) -> Self {
-        debug_assert!(rows == 0 || (rows - 1) * row_stride + cols <= data.len());
-        Self { ptr: data.as_ptr(), rows, cols, row_stride: row_stride as isize, col_stride: 1 }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-}
-
-/// `dst = a · b`, or `dst += a · b` when `accumulate`; `dst` is row-major with `dst_row_stride`.
-fn matmul<T: WithDType>(dst: &mut [T], dst_row_stride: usize, accumulate: bool, a: Mat<T>, b: Mat<T>) {
-    assert_eq!(a.cols, b.rows, "matmul inner dimensions");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert!(m == 0 || (m - 1) * dst_row_stride + n <= dst.len(), "matmul destination too small");
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: every view was bounds-checked against its slice above or in `Mat::new`, and `dst`
-    // is borrowed mutably for the call, so nothing else reads or writes it meanwhile.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_row_stride as isize,
-            accumulate,
-            a.ptr,
-            a.col_stride,
-            a.row_stride,
-            b.ptr,
-            b.col_stride,
-            b.row_stride,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// y[n, O, oh, ow] = w[O, C·k·k] · im2col(x[n]).
 fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut y = vec![T::zero(); batch * out_channels * g.out_plane()];
@@ -209,7 +150,7 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usiz
             let col = &mut col[..g.col_rows() * cols];
             im2col(xs, g, rows.clone(), col);
             let dst = &mut ys[rows.start * g.out_w..];
-            matmul(dst, g.out_plane(), false, weight, Mat::new(col, g.col_rows(), cols, cols));
+            matmul(dst, g.out_plane(), false, weight, Mat::new(col, g.col_rows(), cols, cols), Threads::All);
         }
     }
     y
@@ -226,7 +167,7 @@ fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: us
             let cols = rows.len() * g.out_w;
             let col = &mut col[..g.col_rows() * cols];
             let grad = Mat::new(&ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
-            matmul(col, cols, false, weight_t, grad);
+            matmul(col, cols, false, weight_t, grad, Threads::All);
             col2im_add(col, g, rows, xs);
         }
     }
@@ -252,7 +193,14 @@ fn conv_weight_grad<T: WithDType>(
             let col = &mut col[..g.col_rows() * cols];
             im2col(xs, g, rows.clone(), col);
             let grad = Mat::new(&ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
-            matmul(&mut dw, g.col_rows(), !first, grad, Mat::new(col, g.col_rows(), cols, cols).t());
+            matmul(
+                &mut dw,
+                g.col_rows(),
+                !first,
+                grad,
+                Mat::new(col, g.col_rows(), cols, cols).t(),
+                Threads::All,
+            );
             first = false;
         }
     }

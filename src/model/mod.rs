@@ -3,7 +3,9 @@
 pub mod config;
 pub mod conv;
 pub mod discriminator;
+pub mod fast;
 pub mod file;
+mod gemm;
 pub mod generator;
 pub mod import;
 pub mod layers;
@@ -78,11 +80,37 @@ fn summarize(problems: &[String]) -> String {
     text
 }
 
+/// What runs a loaded generator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Executor {
+    /// candle's ops, on any device (the reference, and what training uses).
+    Candle,
+    /// The channels-last Winograd executor of [`fast`], CPU only.
+    FastCpu,
+}
+
+impl Executor {
+    /// The fast executor on the CPU, candle elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::FastCpu
+        } else {
+            Self::Candle
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Network {
+    Candle(Generator),
+    FastCpu(Box<fast::FastGenerator>),
+}
+
 /// A loaded model: its metadata and a ready generator for each direction it has.
 #[derive(Debug)]
 pub struct Model {
     pub metadata: ModelMetadata,
-    generators: BTreeMap<Direction, Generator>,
+    generators: BTreeMap<Direction, Network>,
 }
 
 impl Model {
@@ -90,11 +118,30 @@ impl Model {
         Self::from_file(ModelFile::load(path, device)?, device)
     }
 
+    /// Builds each generator with the best executor for `device`.
     pub fn from_file(file: ModelFile, device: &Device) -> Result<Self, ModelError> {
+        Self::from_file_with(file, device, Executor::for_device(device))
+    }
+
+    pub fn from_file_with(file: ModelFile, device: &Device, executor: Executor) -> Result<Self, ModelError> {
+        let config = file.metadata.architecture;
         let mut generators = BTreeMap::new();
         for (direction, weights) in file.generators {
-            let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-            generators.insert(direction, Generator::new(file.metadata.architecture, vb)?);
+            let network = match executor {
+                Executor::Candle => {
+                    let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+                    Network::Candle(Generator::new(config, vb)?)
+                }
+                Executor::FastCpu if device.is_cpu() => {
+                    Network::FastCpu(fast::FastGenerator::new(config, &weights)?)
+                }
+                Executor::FastCpu => {
+                    return Err(
+                        candle_core::Error::Msg("the fast executor runs on the CPU only".into()).into()
+                    )
+                }
+            };
+            generators.insert(direction, network);
         }
         Ok(Self { metadata: file.metadata, generators })
     }
@@ -103,7 +150,12 @@ impl Model {
         self.generators.keys().copied()
     }
 
-    pub fn generator(&self, direction: Direction) -> Result<&Generator, ModelError> {
+    /// Checks that the model has this direction.
+    pub fn ensure_direction(&self, direction: Direction) -> Result<(), ModelError> {
+        self.network(direction).map(|_| ())
+    }
+
+    fn network(&self, direction: Direction) -> Result<&Network, ModelError> {
         self.generators.get(&direction).ok_or_else(|| ModelError::MissingDirection {
             direction,
             name: self.metadata.domains.direction_name(direction),
@@ -112,6 +164,9 @@ impl Model {
 
     /// Runs one direction on an NCHW batch in [-1, 1].
     pub fn forward(&self, direction: Direction, x: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.generator(direction)?.forward(x)?)
+        Ok(match self.network(direction)? {
+            Network::Candle(g) => g.forward(x)?,
+            Network::FastCpu(g) => g.forward(x)?,
+        })
     }
 }

@@ -1,0 +1,155 @@
+//! Convolutions as GEMMs over channels-last patches: the 7×7 and strided layers, and the four
+//! sub-pixel phases a stride-2 transposed convolution splits into.
+
+use rayon::prelude::*;
+
+use super::nhwc::Nhwc;
+use crate::model::gemm::{matmul, Mat, Threads};
+
+/// Aim for patch blocks of about this many elements (4 MiB of f32) per GEMM.
+const BLOCK_ELEMENTS: usize = 1 << 20;
+
+/// A convolution given by its taps: output (oy, ox) sums input (stride·oy + dy, stride·ox + dx)
+/// times the tap's [cin, cout] weights, over all taps. The input comes padded.
+#[derive(Clone, Debug)]
+pub struct GemmConv {
+    taps: Vec<(usize, usize)>,
+    stride: usize,
+    cin: usize,
+    cout: usize,
+    /// [taps·cin, cout], rows in tap order.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl GemmConv {
+    /// From PyTorch's [cout, cin, k, k] convolution weight.
+    pub fn conv(weight: &[f32], bias: &[f32], cout: usize, cin: usize, k: usize, stride: usize) -> Self {
+        let taps: Vec<(usize, usize)> = (0..k).flat_map(|y| (0..k).map(move |x| (y, x))).collect();
+        let mut packed = vec![0f32; taps.len() * cin * cout];
+        for o in 0..cout {
+            for i in 0..cin {
+                for (t, (y, x)) in taps.iter().enumerate() {
+                    packed[(t * cin + i) * cout + o] = weight[((o * cin + i) * k + y) * k + x];
+                }
+            }
+        }
+        Self { taps, stride, cin, cout, weight: packed, bias: bias.to_vec() }
+    }
+
+    /// The four phases of ConvTranspose2d(k3, s2, p1, output_padding 1) from PyTorch's
+    /// [cin, cout, 3, 3] weight, as (row parity, column parity, convolution). Output row 2m
+    /// takes kernel row 1 at input row m; row 2m+1 takes kernel row 2 at m and row 0 at m+1.
+    pub fn transposed_phases(
+        weight: &[f32],
+        bias: &[f32],
+        cin: usize,
+        cout: usize,
+    ) -> Vec<(usize, usize, Self)> {
+        let per_parity: [&[(usize, usize)]; 2] = [&[(1, 0)], &[(2, 0), (0, 1)]];
+        let mut phases = Vec::new();
+        for (a, rows) in per_parity.iter().enumerate() {
+            for (b, cols) in per_parity.iter().enumerate() {
+                let kernel_taps: Vec<((usize, usize), (usize, usize))> = rows
+                    .iter()
+                    .flat_map(|&(ky, dy)| cols.iter().map(move |&(kx, dx)| ((ky, kx), (dy, dx))))
+                    .collect();
+                let mut packed = vec![0f32; kernel_taps.len() * cin * cout];
+                for (t, ((ky, kx), _)) in kernel_taps.iter().enumerate() {
+                    for i in 0..cin {
+                        for o in 0..cout {
+                            packed[(t * cin + i) * cout + o] = weight[((i * cout + o) * 3 + ky) * 3 + kx];
+                        }
+                    }
+                }
+                let taps = kernel_taps.iter().map(|(_, offset)| *offset).collect();
+                phases.push((a, b, Self { taps, stride: 1, cin, cout, weight: packed, bias: bias.to_vec() }));
+            }
+        }
+        phases
+    }
+
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    fn extent(&self) -> (usize, usize) {
+        let dy = self.taps.iter().map(|t| t.0).max().unwrap_or(0);
+        let dx = self.taps.iter().map(|t| t.1).max().unwrap_or(0);
+        (dy, dx)
+    }
+
+    /// Output size for an input of `h`×`w`.
+    pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let (dy, dx) = self.extent();
+        ((h - dy - 1) / self.stride + 1, (w - dx - 1) / self.stride + 1)
+    }
+
+    pub fn forward(&self, x: &Nhwc) -> Nhwc {
+        let (out_h, out_w) = self.output_size(x.h, x.w);
+        self.forward_sized(x, out_h, out_w)
+    }
+
+    /// Computes only the first `out_h`×`out_w` outputs (a phase of a transposed convolution
+    /// makes as many outputs as its input has pixels).
+    pub fn forward_sized(&self, x: &Nhwc, out_h: usize, out_w: usize) -> Nhwc {
+        assert_eq!(x.c, self.cin, "gemm conv: channel count");
+        let (max_h, max_w) = self.output_size(x.h, x.w);
+        assert!(out_h <= max_h && out_w <= max_w, "gemm conv: output larger than the input allows");
+        let mut y = Nhwc::zeros(x.n, out_h, out_w, self.cout);
+        let k = self.taps.len() * self.cin;
+        let rows_per_block = (BLOCK_ELEMENTS / (k * out_w).max(1)).clamp(1, out_h);
+        let out_sample = out_h * out_w * self.cout;
+        y.data
+            .par_chunks_mut(out_sample)
+            .enumerate()
+            .flat_map(|(s, sample)| {
+                sample
+                    .par_chunks_mut(rows_per_block * out_w * self.cout)
+                    .enumerate()
+                    .map(move |(b, out)| (s, b, out))
+            })
+            .for_each_init(
+                || vec![0f32; rows_per_block * out_w * k],
+                |patches, (s, b, out)| {
+                    let first = b * rows_per_block;
+                    let rows = out.len() / (out_w * self.cout);
+                    let input = &x.data[s * x.sample_len()..][..x.sample_len()];
+                    let patches = &mut patches[..rows * out_w * k];
+                    self.gather(input, x.w, first, rows, out_w, patches);
+                    for pixel in out.chunks_mut(self.cout) {
+                        pixel.copy_from_slice(&self.bias);
+                    }
+                    let a = Mat::new(patches, rows * out_w, k, k);
+                    let w = Mat::new(&self.weight, k, self.cout, self.cout);
+                    matmul(out, self.cout, true, a, w, Threads::One);
+                },
+            );
+        y
+    }
+
+    /// Patch rows for output rows `first..first + rows`: per output pixel, each tap's input
+    /// pixel (all channels) in tap order.
+    fn gather(
+        &self,
+        input: &[f32],
+        in_w: usize,
+        first: usize,
+        rows: usize,
+        out_w: usize,
+        patches: &mut [f32],
+    ) {
+        let c = self.cin;
+        let k = self.taps.len() * c;
+        for r in 0..rows {
+            let oy = first + r;
+            for ox in 0..out_w {
+                let row = &mut patches[(r * out_w + ox) * k..][..k];
+                for (t, &(dy, dx)) in self.taps.iter().enumerate() {
+                    let (iy, ix) = (self.stride * oy + dy, self.stride * ox + dx);
+                    row[t * c..(t + 1) * c].copy_from_slice(&input[(iy * in_w + ix) * c..][..c]);
+                }
+            }
+        }
+    }
+}
