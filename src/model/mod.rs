@@ -133,7 +133,7 @@ impl Model {
                     Network::Candle(Generator::new(config, vb)?)
                 }
                 Executor::FastCpu if device.is_cpu() => {
-                    Network::FastCpu(fast::FastGenerator::new(config, &weights)?)
+                    Network::FastCpu(Box::new(fast::FastGenerator::new(config, &weights)?))
                 }
                 Executor::FastCpu => {
                     return Err(
