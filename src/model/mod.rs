@@ -102,7 +102,7 @@ impl Executor {
 
 #[derive(Debug)]
 enum Network {
-    Candle(Generator),
+    Candle(Box<Generator>),
     FastCpu(Box<fast::FastGenerator>),
 }
 
@@ -130,7 +130,7 @@ impl Model {
             let network = match executor {
                 Executor::Candle => {
                     let vb = VarBuilder::from_tensors(weights, DType::F32, device);
-                    Network::Candle(Generator::new(config, vb)?)
+                    Network::Candle(Box::new(Generator::new(config, vb)?))
                 }
                 Executor::FastCpu if device.is_cpu() => {
                     Network::FastCpu(Box::new(fast::FastGenerator::new(config, &weights)?))
