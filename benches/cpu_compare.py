@@ -84,7 +84,8 @@ elif cmd["op"] in ("torch", "ort"):
 
 def worker(cmd):
     out = subprocess.check_output([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), json.dumps(cmd)], text=True)
-    return json.loads(out.strip().splitlines()[-1])
+    lines = out.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
 
 
 def peak_rss_kb(argv, env=None):

@@ -54,7 +54,7 @@ pub(crate) fn matmul<T: WithDType>(
     assert_eq!(a.cols, b.rows, "matmul inner dimensions");
     let (m, n, k) = (a.rows, b.cols, a.cols);
     assert!(m == 0 || n == 0 || (m - 1) * dst_row_stride + n <= dst.len(), "matmul destination too small");
-    let available = candle_core::utils::get_num_threads();
+    let available = rayon::current_num_threads();
     let parallelism = match threads {
         Threads::All if available > 1 => gemm::Parallelism::Rayon(available),
         _ => gemm::Parallelism::None,

@@ -3,12 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::data::read_image;
 use crate::engine::codec::{self, DecodedImage};
-use crate::model::Generator;
+
+/// A generator as evaluation sees it: NCHW batch in, NCHW batch out.
+pub type Translate<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
 
 /// Mean absolute errors in the networks' [-1, 1] pixel scale (×127.5 for 8-bit levels).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -38,7 +42,7 @@ impl EvalSet {
     }
 
     /// Evaluates G (X→Y) and F (Y→X).
-    pub fn evaluate(&self, g: &Generator, f: &Generator, step: u64) -> candle_core::Result<EvalReport> {
+    pub fn evaluate(&self, g: Translate, f: Translate, step: u64) -> candle_core::Result<EvalReport> {
         let (cycle_x, identity_x) = errors(&self.x, g, f)?;
         let (cycle_y, identity_y) = errors(&self.y, f, g)?;
         Ok(EvalReport {
@@ -54,17 +58,54 @@ impl EvalSet {
 }
 
 /// Mean |back(there(a)) − a| and |back(a) − a| over `images`.
-fn errors(images: &[Tensor], there: &Generator, back: &Generator) -> candle_core::Result<(f64, f64)> {
+fn errors(images: &[Tensor], there: Translate, back: Translate) -> candle_core::Result<(f64, f64)> {
     let (mut cycle, mut identity) = (0.0, 0.0);
     for a in images {
         let l1 = |b: &Tensor| -> candle_core::Result<f64> {
             (b - a)?.abs()?.mean_all()?.to_scalar::<f32>().map(f64::from)
         };
-        cycle += l1(&back.forward(&there.forward(a)?)?)?;
-        identity += l1(&back.forward(a)?)?;
+        cycle += l1(&back(&there(a)?)?)?;
+        identity += l1(&back(a)?)?;
     }
     let n = images.len().max(1) as f64;
     Ok((cycle / n, identity / n))
+}
+
+/// Writes a grid of `count` rows, each: x, G(x), F(G(x)), y, F(y), G(F(y)), every tile resized
+/// to `tile`² for display.
+pub fn write_grid(
+    set: &EvalSet,
+    g: Translate,
+    f: Translate,
+    count: usize,
+    tile: u32,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let rows = count.min(set.x.len()).min(set.y.len());
+    let mut grid = RgbImage::new(6 * tile, rows as u32 * tile);
+    for r in 0..rows {
+        let (x, y) = (&set.x[r], &set.y[r]);
+        let (gx, fy) = (g(x)?, f(y)?);
+        let columns = [x.clone(), gx.clone(), f(&gx)?, y.clone(), fy.clone(), g(&fy)?];
+        for (c, image) in columns.iter().enumerate() {
+            let image = to_rgb(image)?;
+            let image = image::imageops::resize(&image, tile, tile, FilterType::Triangle);
+            image::imageops::replace(&mut grid, &image, (c as u32 * tile) as i64, (r as u32 * tile) as i64);
+        }
+    }
+    grid.save(path)?;
+    Ok(())
+}
+
+/// The first image of an NCHW batch as 8-bit RGB.
+fn to_rgb(batch: &Tensor) -> anyhow::Result<RgbImage> {
+    let (_, _, h, w) = batch.dims4()?;
+    let data = batch.get(0)?.flatten_all()?.to_vec1::<f32>()?;
+    let plane = h * w;
+    Ok(RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let i = y as usize * w + x as usize;
+        image::Rgb([0, 1, 2].map(|c| codec::to_level(data[c * plane + i])))
+    }))
 }
 
 fn load_dir(dir: &Path, device: &Device) -> anyhow::Result<Vec<Tensor>> {

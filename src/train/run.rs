@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::Tensor;
+use candle_core::{Module, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -147,7 +147,9 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
 
 /// Appends one held-out evaluation to `eval.jsonl`.
 fn evaluate(trainer: &Trainer, set: &EvalSet, out: &Path) -> anyhow::Result<()> {
-    let report = set.evaluate(&trainer.nets.g, &trainer.nets.f, trainer.progress.global_step)?;
+    let g = |x: &Tensor| trainer.nets.g.forward(x);
+    let f = |x: &Tensor| trainer.nets.f.forward(x);
+    let report = set.evaluate(&g, &f, trainer.progress.global_step)?;
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out.join(EVALUATIONS))?;
     writeln!(file, "{}", serde_json::to_string(&report)?)?;
     tracing::info!(?report, "held-out evaluation");
