@@ -145,6 +145,29 @@ fn export_serves_and_bad_setups_fail_clearly() {
     assert!(serve.status.success(), "{}", stderr(&serve));
     assert_eq!(image::image_dimensions(&png).unwrap(), (250, 198));
 
+    let grid = dir.path().join("grid.png");
+    let (x, y) = (data.join("trainA"), data.join("trainB"));
+    let out = cycletrain(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--x",
+        x.to_str().unwrap(),
+        "--y",
+        y.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+        "--grid-rows",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["images_x"].as_u64(), report["step"].as_u64()), (Some(5), Some(2)));
+    for key in ["cycle_x", "cycle_y", "identity_x", "identity_y"] {
+        let v = report[key].as_f64().unwrap();
+        assert!(v > 0.0 && v < 2.0, "{key} = {v}");
+    }
+    assert_eq!(image::image_dimensions(&grid).unwrap(), (6 * 256, 2 * 256));
+
     let meta = cycleserve::model::ModelFile::load(&model, &Device::Cpu).unwrap().metadata;
     assert_eq!(meta.provenance["steps"], "2");
     assert!(meta.provenance["producer"].starts_with("cycletrain"));
