@@ -4,20 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 
 fn cycleserve(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cycleserve"))
-        .args(args)
-        .env("CYCLESERVE_LOG_LEVEL", "warn")
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    run_binary(env!("CARGO_BIN_EXE_cycleserve"), args)
 }
 
 /// Share of channel values within ±1 level, and the largest difference.

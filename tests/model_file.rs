@@ -194,17 +194,7 @@ fn networks_consume_exactly_the_parameters_their_config_lists() {
                 let cfg = GeneratorConfig { family, ngf: 4, n_blocks, norm_affine };
                 let varmap = VarMap::new();
                 Generator::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-                let mut built: Vec<(String, Vec<usize>)> = varmap
-                    .data()
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_tensor().dims().to_vec()))
-                    .collect();
-                built.sort();
-                let mut listed = cfg.parameters();
-                listed.sort();
-                assert_eq!(built, listed, "{cfg:?}");
+                assert_eq!(sorted_shapes(&varmap), sorted(cfg.parameters()), "{cfg:?}");
                 assert!(Generator::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))
                     .unwrap()
                     .forward(&Tensor::zeros((1, 3, 16, 12), DType::F32, &Device::Cpu).unwrap())
@@ -215,15 +205,16 @@ fn networks_consume_exactly_the_parameters_their_config_lists() {
     let varmap = VarMap::new();
     let cfg = DiscriminatorConfig { ndf: 4 };
     Discriminator::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-    let mut built: Vec<_> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().dims().to_vec()))
-        .collect();
-    built.sort();
-    let mut listed = cfg.parameters();
-    listed.sort();
-    assert_eq!(built, listed);
+    assert_eq!(sorted_shapes(&varmap), sorted(cfg.parameters()));
+}
+
+fn sorted(mut params: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
+    params.sort();
+    params
+}
+
+/// The variables a network created, with their shapes, by name.
+fn sorted_shapes(varmap: &VarMap) -> Vec<(String, Vec<usize>)> {
+    let data = varmap.data().lock().unwrap();
+    sorted(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().dims().to_vec())).collect())
 }

@@ -8,18 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
-use common::fixture;
+use common::{fixture, run_binary, stderr};
 
 fn cycletrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cycletrain"))
-        .args(args)
-        .env("CYCLESERVE_LOG_LEVEL", "warn")
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    run_binary(env!("CARGO_BIN_EXE_cycletrain"), args)
 }
 
 /// Two folders of small images (crops of the sample photo, tinted per domain) and one file that

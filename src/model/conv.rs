@@ -330,24 +330,32 @@ impl Conv2d {
         let bias = vb.get_with_hints(cout, "bias", init)?;
         Ok(Self { weight, bias, stride, padding })
     }
+}
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
+/// Whether the GEMM kernels take this tensor (else candle's own op does).
+fn on_gemm_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
 
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
-    }
+/// Runs one product as a differentiable candle op.
+fn apply(
+    x: &Tensor,
+    weight: &Tensor,
+    product: Product,
+    geometry: Geometry,
+    out_channels: usize,
+) -> Result<Tensor> {
+    let op = ConvOp { product, geometry, batch: x.dim(0)?, out_channels };
+    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-            let (n, c, h, w) = x.dims4()?;
+        let y = if on_gemm_path(x) {
+            let (_, c, h, w) = x.dims4()?;
             let (o, _, k, _) = self.weight.dims4()?;
             let geometry = Geometry::forward(c, h, w, k, self.stride, self.padding)?;
-            let op = ConvOp { product: Product::Forward, geometry, batch: n, out_channels: o };
-            x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?
+            apply(x, &self.weight, Product::Forward, geometry, o)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
         };
@@ -373,26 +381,17 @@ impl ConvTranspose2d {
         let bias = vb.get_with_hints(cout, "bias", init)?;
         Ok(Self { weight, bias })
     }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
-    }
 }
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let y = if on_gemm_path(x) {
             // The convolution this transposes maps the 2H×2W output back onto H×W.
-            let (n, cin, h, w) = x.dims4()?;
+            let (_, cin, h, w) = x.dims4()?;
             let cout = self.weight.dim(1)?;
             let geometry = Geometry::forward(cout, 2 * h, 2 * w, Self::KERNEL, 2, 1)?;
             debug_assert_eq!((geometry.out_h, geometry.out_w), (h, w));
-            let op = ConvOp { product: Product::Transpose, geometry, batch: n, out_channels: cin };
-            x.contiguous()?.apply_op2(&self.weight.contiguous()?, op)?
+            apply(x, &self.weight, Product::Transpose, geometry, cin)?
         } else {
             x.conv_transpose2d(&self.weight, 1, 1, 2, 1)?
         };

@@ -6,6 +6,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+/// Runs one of the crate's binaries with quiet logs.
+pub fn run_binary(exe: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(exe).args(args).env("CYCLESERVE_LOG_LEVEL", "warn").output().unwrap()
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
