@@ -220,10 +220,6 @@ impl Engine {
         &self.models
     }
 
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
-    }
-
     /// Every worker has loaded its models and run its warm-up inference.
     pub fn is_ready(&self) -> bool {
         self.context.ready.load(Ordering::SeqCst) == self.worker_count && !self.closing.load(Ordering::SeqCst)

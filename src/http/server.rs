@@ -146,6 +146,3 @@ pub fn address(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
     use std::net::ToSocketAddrs;
     (host, port).to_socket_addrs()?.next().ok_or_else(|| anyhow::anyhow!("cannot resolve host `{host}`"))
 }
-
-/// How long to wait, at most, between SIGTERM and exit.
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);

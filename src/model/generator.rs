@@ -91,7 +91,6 @@ impl Module for UpStage {
 /// Maps an NCHW image batch in [-1, 1] to the other domain, also in [-1, 1].
 #[derive(Clone, Debug)]
 pub struct Generator {
-    config: GeneratorConfig,
     stem: Conv2d,
     stem_norm: InstanceNorm,
     down: [ConvNormRelu; 2],
@@ -117,7 +116,6 @@ impl Generator {
             .map(|b| ResidualBlock::new(4 * ngf, affine, at(idx.first_block + b).pp(family.block_name())))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            config,
             stem: Conv2d::new(3, ngf, 7, 1, 0, at(idx.stem))?,
             stem_norm: InstanceNorm::new(ngf, affine, at(idx.stem + 1))?,
             down: [down(idx.down[0], ngf, 2 * ngf)?, down(idx.down[1], 2 * ngf, 4 * ngf)?],
@@ -128,10 +126,6 @@ impl Generator {
             ],
             head: Conv2d::new(ngf, 3, 7, 1, 0, at(idx.head))?,
         })
-    }
-
-    pub fn config(&self) -> &GeneratorConfig {
-        &self.config
     }
 }
 

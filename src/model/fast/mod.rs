@@ -36,7 +36,6 @@ enum Upsampling {
 
 #[derive(Clone, Debug)]
 pub struct FastGenerator {
-    config: GeneratorConfig,
     stem: (GemmConv, NormParams),
     down: [(GemmConv, NormParams); 2],
     blocks: Vec<[(WinogradConv, NormParams); 2]>,
@@ -115,17 +114,12 @@ impl FastGenerator {
             Ok((upsampling, norm(&format!("model.{}", i + 1))?))
         };
         Ok(Self {
-            config,
             stem,
             down,
             blocks,
             up: [up_stage(0)?, up_stage(1)?],
             head: conv(&idx.head.to_string(), 3, ngf, 7, 1)?,
         })
-    }
-
-    pub fn config(&self) -> &GeneratorConfig {
-        &self.config
     }
 
     /// Maps an NCHW f32 batch in [-1, 1] on the CPU to the other domain.
