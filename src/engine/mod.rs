@@ -144,7 +144,6 @@ pub struct Engine {
     models: Vec<ModelInfo>,
     config: EngineConfig,
     context: Arc<WorkerContext>,
-    slots: Arc<Semaphore>,
     workers: Mutex<Vec<std::thread::JoinHandle<Result<(), String>>>>,
     worker_count: usize,
     closing: AtomicBool,
@@ -179,8 +178,11 @@ impl Engine {
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Self {
+        let capacity = config.queue_capacity.max(1);
         let context = Arc::new(WorkerContext {
             queue: Arc::new(Queue::default()),
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
             observer,
             model_names: models.iter().map(|m| m.name.clone()).collect(),
             max_batch_size: config.max_batch_size.max(1),
@@ -207,7 +209,6 @@ impl Engine {
             .collect();
         Self {
             models,
-            slots: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
             config,
             context,
             workers: Mutex::new(workers),
@@ -233,7 +234,7 @@ impl Engine {
 
     /// Requests admitted and not yet computing.
     pub fn queue_depth(&self) -> usize {
-        self.config.queue_capacity.max(1) - self.slots.available_permits()
+        self.context.queue_depth()
     }
 
     pub fn resolve(&self, model: Option<&str>, direction: &str) -> Result<Target, EngineError> {
@@ -251,6 +252,8 @@ impl Engine {
         let result = self.admit_and_run(target, bytes, format).await;
         let outcome = result.as_ref().map_or_else(EngineError::outcome, |_| Outcome::Ok);
         self.context.observer.outcome(outcome);
+        // A request that failed before its batch gave its slot back without the worker seeing it.
+        self.context.report_queue_depth();
         result
     }
 
@@ -263,8 +266,9 @@ impl Engine {
         if self.closing.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        let slot = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
-        self.context.observer.queue_depth(self.queue_depth());
+        let slot =
+            Arc::clone(&self.context.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
+        self.context.report_queue_depth();
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
         let work = async {
             let started = Instant::now();
@@ -323,8 +327,7 @@ impl Engine {
         self.closing.store(true, Ordering::SeqCst);
         // Holding every slot means each admitted request has been taken by a worker (or gave
         // up): requests still decoding are not cut off by closing the queue under them.
-        let capacity = self.config.queue_capacity.max(1) as u32;
-        let all_slots = self.slots.acquire_many(capacity).await;
+        let all_slots = self.context.slots.acquire_many(self.context.capacity as u32).await;
         self.context.queue.close();
         drop(all_slots);
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
+
 use candle_core::Device;
 use image::DynamicImage;
 
@@ -68,12 +70,26 @@ impl BatchRunner for ModelRunner {
 /// Shared by the engine and its workers.
 pub struct WorkerContext {
     pub queue: Arc<Queue>,
+    /// One permit per queue slot; a request holds one from admission until its batch starts.
+    pub slots: Arc<Semaphore>,
+    pub capacity: usize,
     pub observer: Arc<dyn Observer>,
     pub model_names: Vec<String>,
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
     /// Workers whose runner is loaded and warmed up.
     pub ready: AtomicUsize,
+}
+
+impl WorkerContext {
+    /// Requests admitted and not yet computing (decoding, or waiting for their batch).
+    pub fn queue_depth(&self) -> usize {
+        self.capacity - self.slots.available_permits()
+    }
+
+    pub fn report_queue_depth(&self) {
+        self.observer.queue_depth(self.queue_depth());
+    }
 }
 
 /// The worker loop: runs until the queue is closed and drained.
@@ -94,7 +110,7 @@ pub fn work(context: Arc<WorkerContext>, factory: RunnerFactory) -> Result<(), S
         for entry in &mut batch {
             entry.slot.take();
         }
-        context.observer.queue_depth(context.queue.len());
+        context.report_queue_depth();
         let started = Instant::now();
         let images: Vec<&DecodedImage> = batch.iter().map(|e| &e.image).collect();
         let result = catch_unwind(AssertUnwindSafe(|| runner.run(key.model, key.direction, &images)))
