@@ -30,6 +30,7 @@ fn gradcheck(name: &str, vars: &[Var], f: impl Fn() -> Result<Tensor>) {
     let loss = || -> f64 { (f().unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar().unwrap() };
     let grads = (f().unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
     let mut rng = StdRng::seed_from_u64(7);
+    let mut worst = 0f64;
     for (v, var) in vars.iter().enumerate() {
         let analytic = grads
             .get(var.as_tensor())
@@ -56,7 +57,9 @@ fn gradcheck(name: &str, vars: &[Var], f: impl Fn() -> Result<Tensor>) {
         var.set(&Tensor::from_vec(original, dims.as_slice(), &Device::Cpu).unwrap()).unwrap();
         let err = diff.sqrt() / norm.sqrt().max(NORM_FLOOR);
         assert!(err < TOLERANCE, "{name}, var {v}: relative gradient error {err:e}");
+        worst = worst.max(err);
     }
+    println!("{name}: largest gradient error {worst:.1e} over {} vars", vars.len());
 }
 
 #[test]
