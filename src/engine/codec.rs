@@ -150,11 +150,16 @@ pub fn to_network_input(images: &[&DecodedImage], width: u32, height: u32) -> Ve
         for channel in 0..3 {
             for &row in &rows {
                 let line = &raw[row as usize * w * 3..(row as usize + 1) * w * 3];
-                out.extend(cols.iter().map(|&col| line[col as usize * 3 + channel] as f32 / 127.5 - 1.0));
+                out.extend(cols.iter().map(|&col| from_level(line[col as usize * 3 + channel])));
             }
         }
     }
     out
+}
+
+/// An 8-bit level as a network input value in [-1, 1].
+pub fn from_level(v: u8) -> f32 {
+    v as f32 / 127.5 - 1.0
 }
 
 /// A network output value in [-1, 1] as an 8-bit level.

@@ -153,7 +153,7 @@ pub fn read_image(path: &Path) -> anyhow::Result<DynamicImage> {
 /// CHW f32 in [-1, 1], the pixel mapping the server uses.
 pub fn to_chw(image: &RgbImage) -> Vec<f32> {
     let raw = image.as_raw();
-    (0..3).flat_map(|c| raw.iter().skip(c).step_by(3).map(|&v| v as f32 / 127.5 - 1.0)).collect()
+    (0..3).flat_map(|c| raw.iter().skip(c).step_by(3).map(|&v| codec::from_level(v))).collect()
 }
 
 fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

@@ -4,11 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
-use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::data::read_image;
+use super::samples::{grid, to_rgb};
 use crate::engine::codec::{self, DecodedImage};
 
 /// A generator as evaluation sees it: NCHW batch in, NCHW batch out.
@@ -81,31 +80,14 @@ pub fn write_grid(
     tile: u32,
     path: &Path,
 ) -> anyhow::Result<()> {
-    let rows = count.min(set.x.len()).min(set.y.len());
-    let mut grid = RgbImage::new(6 * tile, rows as u32 * tile);
-    for r in 0..rows {
-        let (x, y) = (&set.x[r], &set.y[r]);
+    let mut rows = Vec::new();
+    for (x, y) in set.x.iter().zip(&set.y).take(count) {
         let (gx, fy) = (g(x)?, f(y)?);
         let columns = [x.clone(), gx.clone(), f(&gx)?, y.clone(), fy.clone(), g(&fy)?];
-        for (c, image) in columns.iter().enumerate() {
-            let image = to_rgb(image)?;
-            let image = image::imageops::resize(&image, tile, tile, FilterType::Triangle);
-            image::imageops::replace(&mut grid, &image, (c as u32 * tile) as i64, (r as u32 * tile) as i64);
-        }
+        rows.push(columns.iter().map(|c| to_rgb(&c.get(0)?)).collect::<anyhow::Result<Vec<_>>>()?);
     }
-    grid.save(path)?;
+    grid(&rows, tile).save(path)?;
     Ok(())
-}
-
-/// The first image of an NCHW batch as 8-bit RGB.
-fn to_rgb(batch: &Tensor) -> anyhow::Result<RgbImage> {
-    let (_, _, h, w) = batch.dims4()?;
-    let data = batch.get(0)?.flatten_all()?.to_vec1::<f32>()?;
-    let plane = h * w;
-    Ok(RgbImage::from_fn(w as u32, h as u32, |x, y| {
-        let i = y as usize * w + x as usize;
-        image::Rgb([0, 1, 2].map(|c| codec::to_level(data[c * plane + i])))
-    }))
 }
 
 fn load_dir(dir: &Path, device: &Device) -> anyhow::Result<Vec<Tensor>> {

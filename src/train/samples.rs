@@ -39,20 +39,38 @@ impl SampleSet {
         let fake_x = nets.f.forward(&self.y)?;
         let rec_y = nets.g.forward(&fake_x)?;
         let columns = [&self.x, &fake_y, &rec_x, &self.y, &fake_x, &rec_y];
-        let rows = self.x.dim(0)?.min(self.y.dim(0)?);
-        let s = self.size;
-        let mut grid = RgbImage::new(s * columns.len() as u32, s * rows as u32);
-        for (c, column) in columns.iter().enumerate() {
-            for r in 0..rows {
-                let tile = column.get(r)?.flatten_all()?.to_vec1::<f32>()?;
-                let plane = (s * s) as usize;
-                for (i, px) in (0..plane).enumerate() {
-                    let (x, y) = (c as u32 * s + i as u32 % s, r as u32 * s + i as u32 / s);
-                    grid.put_pixel(x, y, image::Rgb([0, 1, 2].map(|ch| to_level(tile[ch * plane + px]))));
-                }
-            }
-        }
-        grid.save(path)?;
+        let rows = (0..self.x.dim(0)?.min(self.y.dim(0)?))
+            .map(|r| columns.iter().map(|c| to_rgb(&c.get(r)?)).collect())
+            .collect::<anyhow::Result<Vec<Vec<_>>>>()?;
+        grid(&rows, self.size).save(path)?;
         Ok(())
     }
+}
+
+/// One CHW image in [-1, 1] as 8-bit RGB.
+pub(super) fn to_rgb(chw: &Tensor) -> anyhow::Result<RgbImage> {
+    let (_, h, w) = chw.dims3()?;
+    let data = chw.flatten_all()?.to_vec1::<f32>()?;
+    let plane = h * w;
+    Ok(RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let i = y as usize * w + x as usize;
+        image::Rgb([0, 1, 2].map(|c| to_level(data[c * plane + i])))
+    }))
+}
+
+/// Lays rows of images out as a grid of `tile`×`tile` cells, resizing cells of another size.
+pub(super) fn grid(rows: &[Vec<RgbImage>], tile: u32) -> RgbImage {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let mut grid = RgbImage::new(columns * tile, rows.len() as u32 * tile);
+    for (r, row) in rows.iter().enumerate() {
+        for (c, cell) in row.iter().enumerate() {
+            let cell = if cell.dimensions() == (tile, tile) {
+                cell.clone()
+            } else {
+                image::imageops::resize(cell, tile, tile, FilterType::Triangle)
+            };
+            image::imageops::replace(&mut grid, &cell, (c as u32 * tile) as i64, (r as u32 * tile) as i64);
+        }
+    }
+    grid
 }
