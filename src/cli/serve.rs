@@ -90,8 +90,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics_handle = metrics::install(env!("CARGO_PKG_VERSION"), &device_label)?;
     metrics::spawn_upkeep(metrics_handle.clone());
     let engine = Engine::new(models, vec![device], config, Arc::new(metrics::PrometheusObserver));
+    let engine = Arc::new(engine);
+    exit_if_loading_fails(Arc::clone(&engine));
     let state = AppState {
-        engine: Arc::new(engine),
+        engine,
         metrics: Some(metrics_handle),
         shutting_down: Arc::new(AtomicBool::new(false)),
         device: device_label,
@@ -106,4 +108,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
     http::server::serve(state, server_config).await
+}
+
+/// A worker that cannot load its models leaves the server unable to serve: exit non-zero so the
+/// supervisor (container runtime, Kubernetes) restarts it instead of keeping it unready forever.
+fn exit_if_loading_fails(engine: Arc<Engine>) {
+    tokio::spawn(async move {
+        while !engine.is_ready() {
+            if let Some(failure) = engine.failed_worker() {
+                tracing::error!(%failure, "models could not be loaded; exiting");
+                std::process::exit(1);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 }
