@@ -284,3 +284,23 @@ fn requests_name_models_and_directions_clearly() {
     let err = engine.resolve(None, "up").unwrap_err().to_string();
     assert!(err.contains("expected x2y, y2x, photo2painting or painting2photo"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_load_reports_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (info, _) = load_model(&model_file(dir.path())).unwrap();
+    let factory: RunnerFactory = Box::new(|| Err("out of device memory".to_string()));
+    let engine = Engine::with_runners(
+        vec![info],
+        vec![factory],
+        EngineConfig::default(),
+        Arc::new(Recorder::default()),
+    );
+    let started = Instant::now();
+    while engine.failed_worker().is_none() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the failure was never reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(engine.failed_worker().unwrap(), "an inference worker could not start: out of device memory");
+    assert!(!engine.is_ready());
+}

@@ -188,6 +188,7 @@ impl Engine {
             max_batch_size: config.max_batch_size.max(1),
             max_batch_delay: config.max_batch_delay,
             ready: Default::default(),
+            failures: Default::default(),
         });
         let worker_count = factories.len();
         let workers = factories
@@ -198,9 +199,10 @@ impl Engine {
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
-                        let result = worker::work(context, factory);
+                        let result = worker::work(Arc::clone(&context), factory);
                         if let Err(message) = &result {
                             tracing::error!(worker = i, %message, "worker could not start");
+                            context.failures.lock().unwrap_or_else(|p| p.into_inner()).push(message.clone());
                         }
                         result
                     })
@@ -226,10 +228,10 @@ impl Engine {
         self.context.ready.load(Ordering::SeqCst) == self.worker_count && !self.closing.load(Ordering::SeqCst)
     }
 
-    /// A worker that could not load its models, if one stopped.
+    /// Why a worker could not load its models, if one could not.
     pub fn failed_worker(&self) -> Option<String> {
-        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        workers.iter().any(|w| w.is_finished()).then(|| "an inference worker stopped".to_string())
+        let failures = self.context.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.first().map(|f| format!("an inference worker could not start: {f}"))
     }
 
     /// Requests admitted and not yet computing.

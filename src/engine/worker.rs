@@ -79,6 +79,8 @@ pub struct WorkerContext {
     pub max_batch_delay: Duration,
     /// Workers whose runner is loaded and warmed up.
     pub ready: AtomicUsize,
+    /// Why workers that could not load their models stopped.
+    pub failures: std::sync::Mutex<Vec<String>>,
 }
 
 impl WorkerContext {
