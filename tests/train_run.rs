@@ -97,6 +97,45 @@ fn resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     }
 }
 
+#[test]
+fn resume_can_replace_the_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let run_dir = dir.path().join("run");
+    // Six files in trainA (one unreadable): six steps an epoch; step 7 is the first of epoch 1.
+    train(&data, &run_dir, &["--max-steps", "7", "--save-every", "7"]);
+    let resume = |extra: &[&str]| {
+        let mut args = vec!["--resume", run_dir.to_str().unwrap()];
+        args.extend(extra);
+        cycletrain(&args)
+    };
+
+    let too_short = resume(&["--epochs-decay", "0"]);
+    assert!(!too_short.status.success(), "{}", stderr(&too_short));
+    assert!(stderr(&too_short).contains("already in epoch 1"), "{}", stderr(&too_short));
+
+    let longer = resume(&["--epochs-decay", "2", "--sample-every", "100"]);
+    assert!(longer.status.success(), "{}", stderr(&longer));
+    let log = std::fs::read_to_string(run_dir.join("losses.jsonl")).unwrap();
+    let lrs: Vec<(u64, f64)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["step"].as_u64().unwrap(), v["lr"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(lrs.len(), 18, "1 + 2 epochs of 6 steps");
+    // Step 7 ran under the first schedule (decay over 1 epoch: half the rate); from step 7 on,
+    // decay over 2 epochs drops the rate by a third of 2e-4 at each epoch past the first.
+    for (step, lr) in lrs {
+        let factor = if step == 7 { 0.5 } else { [1.0, 2.0 / 3.0, 1.0 / 3.0][(step as usize - 1) / 6] };
+        let expected = 2e-4 * factor;
+        assert!((lr - expected).abs() < 1e-12, "step {step}: lr {lr}, expected {expected}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["epochs"].as_u64(), config["epochs_decay"].as_u64()), (Some(1), Some(2)));
+}
+
 /// Each logged step without its wall-clock field, the only one allowed to differ.
 fn losses_without_time(log: &str) -> Vec<serde_json::Value> {
     log.lines()

@@ -17,6 +17,9 @@ use crate::device::DeviceSpec;
 use crate::model::{Direction, DiscriminatorConfig, Domains, Family, GeneratorConfig, Model};
 use candle_core::Tensor;
 
+/// The original CycleGAN recipe's 100 epochs at the initial rate, then 100 of decay.
+const DEFAULT_EPOCHS: usize = 100;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cycletrain",
@@ -78,7 +81,8 @@ struct TrainArgs {
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Continue the run in this directory exactly where its checkpoint left it. Data,
-    /// architecture and recipe come from the checkpoint; the options below them are ignored.
+    /// architecture and recipe come from the checkpoint and the options below them are
+    /// ignored, except --epochs and --epochs-decay, which replace the run's schedule.
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
 
@@ -118,12 +122,12 @@ struct TrainArgs {
     no_flip: bool,
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
-    /// Epochs at the initial learning rate.
-    #[arg(long, default_value_t = 100)]
-    epochs: usize,
-    /// Epochs of linear decay to 0 after those.
-    #[arg(long, default_value_t = 100)]
-    epochs_decay: usize,
+    /// Epochs at the initial learning rate [default: 100].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Epochs of linear decay to 0 after those [default: 100].
+    #[arg(long)]
+    epochs_decay: Option<usize>,
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
     #[arg(long, default_value_t = 0.5)]
@@ -217,7 +221,14 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let (trainer, out_dir) = match &args.resume {
-        Some(dir) => (Trainer::resume(&checkpoint_path(dir), &device)?, dir.clone()),
+        Some(dir) => {
+            let mut trainer = Trainer::resume(&checkpoint_path(dir), &device)?;
+            if args.epochs.is_some() || args.epochs_decay.is_some() {
+                let epochs = args.epochs.unwrap_or(trainer.config.epochs);
+                trainer.reschedule(epochs, args.epochs_decay.unwrap_or(trainer.config.epochs_decay))?;
+            }
+            (trainer, dir.clone())
+        }
         None => {
             let config = config_from_args(&args)?;
             (Trainer::new(config, &device)?, args.out.clone().context("--out is required")?)
@@ -270,8 +281,8 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         crop_size: args.crop_size,
         flip: !args.no_flip,
         batch_size: args.batch_size,
-        epochs: args.epochs,
-        epochs_decay: args.epochs_decay,
+        epochs: args.epochs.unwrap_or(DEFAULT_EPOCHS),
+        epochs_decay: args.epochs_decay.unwrap_or(DEFAULT_EPOCHS),
         adam: AdamConfig { lr: args.lr, beta1: args.beta1, beta2: args.beta2, eps: 1e-8 },
         lambda_cycle: args.lambda_cycle,
         lambda_identity: args.lambda_identity,

@@ -123,6 +123,23 @@ impl Trainer {
         self.opt_d.set_lr(lr);
     }
 
+    /// Replaces the schedule of a resumed run (to shorten or extend it); the epoch it is in
+    /// must still be part of the new one.
+    pub fn reschedule(&mut self, epochs: usize, epochs_decay: usize) -> anyhow::Result<()> {
+        let total = epochs + epochs_decay;
+        if self.progress.epoch >= total {
+            anyhow::bail!(
+                "the run is already in epoch {} (counted from 0); a schedule of {epochs} + {epochs_decay} \
+                 epochs ends before it",
+                self.progress.epoch
+            );
+        }
+        self.config.epochs = epochs;
+        self.config.epochs_decay = epochs_decay;
+        self.apply_schedule();
+        Ok(())
+    }
+
     pub fn lr(&self) -> f64 {
         self.opt_g.lr()
     }
