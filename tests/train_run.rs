@@ -134,6 +134,20 @@ fn resume_can_replace_the_schedule() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!((config["epochs"].as_u64(), config["epochs_decay"].as_u64()), (Some(1), Some(2)));
+
+    // The last step ended the last epoch: the run counts it as done.
+    let model = dir.path().join("model.safetensors");
+    let export = cycletrain(&[
+        "export",
+        run_dir.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--domains",
+        "a,b",
+    ]);
+    assert!(export.status.success(), "{}", stderr(&export));
+    let meta = cycleserve::model::ModelFile::load(&model, &Device::Cpu).unwrap().metadata;
+    assert_eq!(meta.provenance["epochs"], "3 of 3");
 }
 
 /// Each logged step without its wall-clock field, the only one allowed to differ.

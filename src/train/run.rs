@@ -14,7 +14,7 @@ use super::data::{Dataset, Loader};
 use super::eval::EvalSet;
 use super::plot::plot_losses;
 use super::samples::SampleSet;
-use super::trainer::{StepLosses, Trainer};
+use super::trainer::{Progress, StepLosses, Trainer};
 
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
 pub const LOSSES: &str = "losses.jsonl";
@@ -78,8 +78,10 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
         "training"
     );
 
-    'epochs: while trainer.progress.epoch < config.total_epochs() && trainer.progress.global_step < last_step
-    {
+    // Reaching the last step ends the run at once, unless that step completed its epoch: then the
+    // epoch is finished first, so the checkpoint counts it (also for a run saved before this rule).
+    let stop_mid_epoch = |p: &Progress| p.global_step >= last_step && p.step_in_epoch < steps_per_epoch;
+    'epochs: while trainer.progress.epoch < config.total_epochs() && !stop_mid_epoch(&trainer.progress) {
         let epoch = trainer.progress.epoch;
         let loader = Loader::start(
             Arc::clone(&dataset),
@@ -123,7 +125,7 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
                 log.flush()?;
                 trainer.save(&checkpoint_path(out))?;
             }
-            if step >= last_step {
+            if stop_mid_epoch(&trainer.progress) {
                 break 'epochs;
             }
         }
