@@ -139,13 +139,13 @@ impl FastGenerator {
             instance_norm(&mut x, affine(params), After::Relu);
             x
         };
-        let mut h = norm_relu(self.stem.0.forward(&pad(image, 3, Border::Reflect)), &self.stem.1);
+        let mut h = norm_relu(self.stem.0.forward(&pad(image, 3, 3, Border::Reflect)), &self.stem.1);
         for (conv, params) in &self.down {
-            h = norm_relu(conv.forward(&pad(&h, 1, Border::Zero)), params);
+            h = norm_relu(conv.forward(&pad(&h, 1, 1, Border::Zero)), params);
         }
         for [(conv1, norm1), (conv2, norm2)] in &self.blocks {
-            let t = norm_relu(conv1.forward(&pad(&h, 1, Border::Reflect)), norm1);
-            let mut t = conv2.forward(&pad(&t, 1, Border::Reflect));
+            let t = norm_relu(conv1.forward(&pad(&h, 1, 1, Border::Reflect)), norm1);
+            let mut t = conv2.forward(&pad(&t, 1, 1, Border::Reflect));
             instance_norm(&mut t, affine(norm2), After::Residual(&h));
             h = t;
         }
@@ -156,7 +156,7 @@ impl FastGenerator {
             };
             h = norm_relu(up, params);
         }
-        let mut out = self.head.forward(&pad(&h, 3, Border::Reflect));
+        let mut out = self.head.forward(&pad(&h, 3, 3, Border::Reflect));
         out.data.par_iter_mut().for_each(|v| *v = v.tanh());
         out
     }
@@ -169,7 +169,7 @@ fn affine(params: &NormParams) -> Option<(&[f32], &[f32])> {
 /// The stride-2 transposed convolution: each phase computes every fourth output pixel from the
 /// input padded by one zero row and column at the bottom and right.
 fn transposed(x: &Nhwc, phases: &[(usize, usize, GemmConv)]) -> Nhwc {
-    let padded = pad_bottom_right(x);
+    let padded = pad(x, 0, 1, Border::Zero);
     let cout = phases[0].2.cout();
     let (h, w) = (2 * x.h, 2 * x.w);
     let mut out = Nhwc::zeros(x.n, h, w, cout);
@@ -185,19 +185,6 @@ fn transposed(x: &Nhwc, phases: &[(usize, usize, GemmConv)]) -> Nhwc {
             },
         );
     }
-    out
-}
-
-/// `x` with one zero row below and one zero column to the right.
-fn pad_bottom_right(x: &Nhwc) -> Nhwc {
-    let (h, w, c) = (x.h + 1, x.w + 1, x.c);
-    let mut out = Nhwc::zeros(x.n, h, w, c);
-    out.data.par_chunks_mut(w * c).enumerate().for_each(|(row, line)| {
-        let (s, y) = (row / h, row % h);
-        if y < x.h {
-            line[..x.w * c].copy_from_slice(&x.data[s * x.sample_len() + y * x.w * c..][..x.w * c]);
-        }
-    });
     out
 }
 

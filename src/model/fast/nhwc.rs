@@ -61,25 +61,26 @@ pub enum Border {
     Zero,
 }
 
-/// A copy of `x` with `pad` pixels added on every side.
-pub fn pad(x: &Nhwc, pad: usize, border: Border) -> Nhwc {
-    let (h, w, c) = (x.h + 2 * pad, x.w + 2 * pad, x.c);
+/// A copy of `x` with `before` pixels added above and to the left, and `after` below and to the
+/// right.
+pub fn pad(x: &Nhwc, before: usize, after: usize, border: Border) -> Nhwc {
+    let (h, w, c) = (x.h + before + after, x.w + before + after, x.c);
     let mut out = Nhwc::zeros(x.n, h, w, c);
     let (rows, cols) = match border {
-        Border::Reflect => (reflect_indices(x.h, pad, pad), reflect_indices(x.w, pad, pad)),
+        Border::Reflect => (reflect_indices(x.h, before, after), reflect_indices(x.w, before, after)),
         Border::Zero => (Vec::new(), Vec::new()),
     };
     out.data.par_chunks_mut(w * c).enumerate().for_each(|(row_index, row)| {
         let (sample, y) = (row_index / h, row_index % h);
         let src_y = match border {
             Border::Reflect => rows[y] as usize,
-            Border::Zero if y < pad || y >= pad + x.h => return,
-            Border::Zero => y - pad,
+            Border::Zero if y < before || y >= before + x.h => return,
+            Border::Zero => y - before,
         };
         let src = &x.data[sample * x.sample_len() + src_y * x.w * c..][..x.w * c];
-        row[pad * c..(pad + x.w) * c].copy_from_slice(src);
+        row[before * c..(before + x.w) * c].copy_from_slice(src);
         if border == Border::Reflect {
-            for xo in (0..pad).chain(pad + x.w..w) {
+            for xo in (0..before).chain(before + x.w..w) {
                 let sx = cols[xo] as usize;
                 row[xo * c..(xo + 1) * c].copy_from_slice(&src[sx * c..(sx + 1) * c]);
             }
