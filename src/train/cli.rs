@@ -225,7 +225,8 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             let mut trainer = Trainer::resume(&checkpoint_path(dir), &device)?;
             if args.epochs.is_some() || args.epochs_decay.is_some() {
                 let epochs = args.epochs.unwrap_or(trainer.config.epochs);
-                trainer.reschedule(epochs, args.epochs_decay.unwrap_or(trainer.config.epochs_decay))?;
+                let decay = args.epochs_decay.unwrap_or(trainer.config.epochs_decay);
+                trainer.reschedule(epochs, decay)?;
             }
             (trainer, dir.clone())
         }
