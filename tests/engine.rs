@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,8 +14,8 @@ use cycleserve::engine::catalog::{load_model, ModelInfo};
 use cycleserve::engine::codec::{self, DecodeOptions, DecodedImage, ImageError, OutputFormat};
 use cycleserve::engine::observer::{Observer, Outcome};
 use cycleserve::engine::worker::{BatchRunner, RunnerFactory};
-use cycleserve::engine::{run_batch, Engine, EngineConfig, EngineError, Target};
-use cycleserve::model::{Direction, Domains, Model};
+use cycleserve::engine::{run_batch, Engine, EngineConfig, EngineError, Target, Translation};
+use cycleserve::model::{Direction, Domains, Executor, Model};
 use image::DynamicImage;
 
 /// Records every event, for assertions.
@@ -23,11 +23,15 @@ use image::DynamicImage;
 struct Recorder {
     batches: Mutex<Vec<usize>>,
     outcomes: Mutex<Vec<Outcome>>,
+    decoded: AtomicUsize,
 }
 
 impl Observer for Recorder {
     fn batch(&self, _: &str, _: Direction, size: usize, _: Duration) {
         self.batches.lock().unwrap().push(size);
+    }
+    fn decoded(&self, _: Duration) {
+        self.decoded.fetch_add(1, Ordering::SeqCst);
     }
     fn outcome(&self, outcome: Outcome) {
         self.outcomes.lock().unwrap().push(outcome);
@@ -59,19 +63,17 @@ fn real_engine(dir: &Path, config: EngineConfig, observer: Arc<Recorder>) -> Eng
 }
 
 async fn wait_ready(engine: &Engine) {
-    let started = Instant::now();
-    while !engine.is_ready() {
-        assert!(started.elapsed() < Duration::from_secs(30), "engine never became ready");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until("the engine ready", || engine.is_ready()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_callers_get_byte_identical_results_in_real_batches() {
     let dir = tempfile::tempdir().unwrap();
     let recorder = Arc::new(Recorder::default());
+    // A batch closes when full or after 5 s: long enough that all 24 callers are queued first,
+    // so batches form whatever the machine's load.
     let config =
-        EngineConfig { max_batch_size: 4, max_batch_delay: Duration::from_millis(50), ..Default::default() };
+        EngineConfig { max_batch_size: 4, max_batch_delay: Duration::from_secs(5), ..Default::default() };
     let engine = Arc::new(real_engine(dir.path(), config, recorder.clone()));
     wait_ready(&engine).await;
 
@@ -84,7 +86,7 @@ async fn concurrent_callers_get_byte_identical_results_in_real_batches() {
         let direction = if i % 3 == 0 { "y2x" } else { "photo2painting" };
         tasks.push(tokio::spawn(async move {
             let target = engine.resolve(None, direction).unwrap();
-            (name, target, engine.translate(target, bytes_of(name), OutputFormat::Png).await.unwrap())
+            (name, target, submit(&engine, target, bytes_of(name)).await.unwrap())
         }));
     }
     let model = Model::load(&model_file(dir.path()), &Device::Cpu).unwrap();
@@ -103,9 +105,51 @@ async fn concurrent_callers_get_byte_identical_results_in_real_batches() {
     assert_eq!(recorder.count(Outcome::Ok), 24);
 }
 
-/// Returns its inputs after `delay`, counting images; fails its first batch when asked.
+/// Admits and translates one image, as the HTTP handler does.
+async fn submit(engine: &Engine, target: Target, bytes: Bytes) -> Result<Translation, EngineError> {
+    let ticket = engine.admit(bytes.len() as u64)?;
+    engine.translate(ticket, target, bytes, OutputFormat::Png).await
+}
+
+/// Lets the test decide when each batch may finish, and tells it when one has started: tests
+/// wait for states, never for time.
+#[derive(Clone)]
+struct Gate {
+    started: Arc<AtomicUsize>,
+    opened: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl Gate {
+    fn new(open: bool) -> Self {
+        let opened = if open { usize::MAX } else { 0 };
+        Self { started: Arc::default(), opened: Arc::new((Mutex::new(opened), Condvar::new())) }
+    }
+
+    /// Lets `n` more batches finish.
+    fn open(&self, n: usize) {
+        let (count, changed) = &*self.opened;
+        let mut count = count.lock().unwrap();
+        *count = count.saturating_add(n);
+        changed.notify_all();
+    }
+
+    /// Waits until `n` batches have started.
+    async fn wait_started(&self, n: usize) {
+        until("a batch started", || self.started.load(Ordering::SeqCst) >= n).await;
+    }
+
+    /// Called by the runner: counts the batch as started, then waits for the gate.
+    fn pass(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let (count, changed) = &*self.opened;
+        let mut count = changed.wait_while(count.lock().unwrap(), |c| *c == 0).unwrap();
+        *count -= 1;
+    }
+}
+
+/// Returns its inputs once the gate lets it, counting images; fails its first batch when asked.
 struct TestRunner {
-    delay: Duration,
+    gate: Gate,
     computed: Arc<AtomicUsize>,
     panic_on_first: bool,
 }
@@ -115,7 +159,7 @@ impl BatchRunner for TestRunner {
         if std::mem::take(&mut self.panic_on_first) {
             panic!("deliberate failure");
         }
-        std::thread::sleep(self.delay);
+        self.gate.pass();
         self.computed.fetch_add(images.len(), Ordering::SeqCst);
         Ok(images.iter().map(|i| DynamicImage::ImageRgb8(i.rgb.clone())).collect())
     }
@@ -124,17 +168,17 @@ impl BatchRunner for TestRunner {
 fn test_engine(
     dir: &Path,
     config: EngineConfig,
-    delay: Duration,
+    gate: Gate,
     panic_on_first: bool,
 ) -> (Arc<Engine>, Arc<Recorder>, Arc<AtomicUsize>) {
     let (info, _): (ModelInfo, _) = load_model(&model_file(dir)).unwrap();
     let computed = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&computed);
     let factory: RunnerFactory = Box::new(move || {
-        Ok(Box::new(TestRunner { delay, computed: counter, panic_on_first }) as Box<dyn BatchRunner>)
+        Ok(Box::new(TestRunner { gate, computed: counter, panic_on_first }) as Box<dyn BatchRunner>)
     });
     let recorder = Arc::new(Recorder::default());
-    let engine = Engine::with_runners(vec![info], vec![factory], config, recorder.clone());
+    let engine = Engine::with_runners(vec![info], Executor::FastCpu, vec![factory], config, recorder.clone());
     (Arc::new(engine), recorder, computed)
 }
 
@@ -142,29 +186,41 @@ fn x2y() -> Target {
     Target { model: 0, direction: Direction::XtoY }
 }
 
+/// Polls a condition on the engine's state (not on time): up to a minute, then fails.
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < Duration::from_secs(60), "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn spawn_x2y(engine: &Arc<Engine>, name: &'static str) -> tokio::task::JoinHandle<Result<Translation, EngineError>> {
+    let engine = Arc::clone(engine);
+    tokio::spawn(async move { submit(&engine, x2y(), bytes_of(name)).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_refuses_at_once_and_frees_up_after() {
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig { max_batch_size: 1, queue_capacity: 2, ..Default::default() };
-    let (engine, recorder, _) = test_engine(dir.path(), config, Duration::from_millis(400), false);
+    let gate = Gate::new(false);
+    let (engine, recorder, _) = test_engine(dir.path(), config, gate.clone(), false);
     wait_ready(&engine).await;
-    let spawn = |engine: &Arc<Engine>| {
-        let engine = Arc::clone(engine);
-        tokio::spawn(async move { engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await })
-    };
-    let first = spawn(&engine);
-    tokio::time::sleep(Duration::from_millis(100)).await; // computing: its slot is free again
-    let queued = [spawn(&engine), spawn(&engine)];
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    let refused = engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await;
-    assert!(matches!(refused, Err(EngineError::Overloaded)), "{refused:?}");
-    assert!(started.elapsed() < Duration::from_millis(50), "refused at once, not after a wait");
+    let first = spawn_x2y(&engine, "gray16.png");
+    gate.wait_started(1).await; // computing: its slot is free again
+    let queued = [spawn_x2y(&engine, "gray16.png"), spawn_x2y(&engine, "gray16.png")];
+    until("two requests queued", || engine.queue_depth() == 2).await;
+    // Admission takes no await: a full queue is refused at once.
+    let refused = engine.admit(1000);
+    assert!(matches!(refused, Err(EngineError::Overloaded)), "{:?}", refused.err());
+    gate.open(3);
     assert!(first.await.unwrap().is_ok());
     for q in queued {
         assert!(q.await.unwrap().is_ok());
     }
-    assert!(engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await.is_ok());
+    gate.open(1);
+    assert!(submit(&engine, x2y(), bytes_of("gray16.png")).await.is_ok());
     assert_eq!(recorder.count(Outcome::Overloaded), 1);
 }
 
@@ -172,36 +228,33 @@ async fn a_full_queue_refuses_at_once_and_frees_up_after() {
 async fn a_departed_caller_is_not_computed_and_deadlines_hold() {
     let dir = tempfile::tempdir().unwrap();
     let config =
-        EngineConfig { max_batch_size: 1, request_timeout: Duration::from_millis(450), ..Default::default() };
-    let (engine, recorder, computed) = test_engine(dir.path(), config, Duration::from_millis(300), false);
+        EngineConfig { max_batch_size: 1, request_timeout: Duration::from_secs(3), ..Default::default() };
+    let gate = Gate::new(false);
+    let (engine, recorder, computed) = test_engine(dir.path(), config, gate.clone(), false);
     wait_ready(&engine).await;
-    let spawn = |engine: &Arc<Engine>| {
-        let engine = Arc::clone(engine);
-        tokio::spawn(async move { engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await })
-    };
-    let busy = spawn(&engine);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let departing = spawn(&engine);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let busy = spawn_x2y(&engine, "gray16.png");
+    gate.wait_started(1).await;
+    let departing = spawn_x2y(&engine, "gray16.png");
+    // Once decoded it is queued (no await lies between the two).
+    until("the second request decoded", || recorder.decoded.load(Ordering::SeqCst) == 2).await;
     departing.abort();
+    // Aborting only asks; awaiting the handle makes sure the caller is gone.
+    assert!(departing.await.unwrap_err().is_cancelled());
+    gate.open(1);
     assert!(busy.await.unwrap().is_ok());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until("the departed request purged", || recorder.count(Outcome::Dropped) == 1).await;
     assert_eq!(computed.load(Ordering::SeqCst), 1, "the departed caller's image never reached the network");
-    assert_eq!(recorder.count(Outcome::Dropped), 1);
 
-    // Three at once through a 300 ms network with a 450 ms deadline, one at a time: the first
-    // finishes at 300 ms; the second is computing when its deadline passes; the third's deadline
-    // passes while it waits, so it is never computed.
-    let results: Vec<_> = [spawn(&engine), spawn(&engine), spawn(&engine)].into_iter().collect();
-    let mut timed_out = 0;
-    for r in results {
-        if matches!(r.await.unwrap(), Err(EngineError::TimedOut)) {
-            timed_out += 1;
-        }
-    }
-    assert_eq!(timed_out, 2);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(computed.load(Ordering::SeqCst), 3, "the request that expired in the queue was not computed");
+    // One request computing and one queued when their deadlines pass: both time out; the
+    // queued one is never computed.
+    let computing = spawn_x2y(&engine, "gray16.png");
+    gate.wait_started(2).await;
+    let waiting = spawn_x2y(&engine, "gray16.png");
+    assert!(matches!(computing.await.unwrap(), Err(EngineError::TimedOut)));
+    assert!(matches!(waiting.await.unwrap(), Err(EngineError::TimedOut)));
+    gate.open(usize::MAX);
+    until("the expired request purged", || engine.queue_depth() == 0).await;
+    assert_eq!(computed.load(Ordering::SeqCst), 2, "the request that expired in the queue was not computed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -211,25 +264,24 @@ async fn a_failing_batch_fails_alone_and_bad_images_fail_alone() {
         decode: DecodeOptions { max_pixels: 1 << 20, ..Default::default() },
         ..Default::default()
     };
-    let (engine, recorder, _) = test_engine(dir.path(), config, Duration::ZERO, true);
+    let (engine, recorder, _) = test_engine(dir.path(), config, Gate::new(true), true);
     wait_ready(&engine).await;
-    let failed = engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await;
+    let failed = submit(&engine, x2y(), bytes_of("gray16.png")).await;
     assert!(
         matches!(&failed, Err(EngineError::Internal(m)) if m.contains("deliberate failure")),
         "{failed:?}"
     );
-    assert!(engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await.is_ok());
+    assert!(submit(&engine, x2y(), bytes_of("gray16.png")).await.is_ok());
 
     let png = std::fs::read(fixture("photo_250x198.png")).unwrap();
-    let truncated =
-        engine.translate(x2y(), Bytes::from(png[..png.len() / 3].to_vec()), OutputFormat::Png).await;
+    let truncated = submit(&engine, x2y(), Bytes::from(png[..png.len() / 3].to_vec())).await;
     assert!(matches!(truncated, Err(EngineError::Image(ImageError::Corrupt(_)))), "{truncated:?}");
     let mut bomb = image::GrayImage::new(4000, 4000);
     bomb.put_pixel(0, 0, image::Luma([1]));
     let mut encoded = Vec::new();
     bomb.write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png).unwrap();
     assert!(encoded.len() < 100_000, "16 Mpixel PNG compresses to {} bytes", encoded.len());
-    let refused = engine.translate(x2y(), Bytes::from(encoded), OutputFormat::Png).await;
+    let refused = submit(&engine, x2y(), Bytes::from(encoded)).await;
     assert!(
         matches!(
             refused,
@@ -237,31 +289,36 @@ async fn a_failing_batch_fails_alone_and_bad_images_fail_alone() {
         ),
         "{refused:?}"
     );
-    assert!(engine.translate(x2y(), bytes_of("photo_250x198.png"), OutputFormat::Jpeg).await.is_ok());
+    assert!(submit(&engine, x2y(), bytes_of("photo_250x198.png")).await.is_ok());
     assert_eq!(recorder.count(Outcome::Internal), 1);
-    assert_eq!(recorder.count(Outcome::BadImage), 2);
+    assert_eq!(recorder.count(Outcome::BadImage), 1);
+    assert_eq!(recorder.count(Outcome::TooLarge), 1);
     assert_eq!(recorder.count(Outcome::Ok), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn shutdown_finishes_what_is_queued_and_refuses_the_rest() {
+async fn shutdown_finishes_what_is_admitted_and_refuses_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig {
         max_batch_size: 2,
         decode: DecodeOptions { max_side: Some(64), ..Default::default() },
         ..Default::default()
     };
-    let (engine, _, computed) = test_engine(dir.path(), config, Duration::from_millis(100), false);
+    let gate = Gate::new(false);
+    let (engine, _, computed) = test_engine(dir.path(), config, gate.clone(), false);
     wait_ready(&engine).await;
+    let bytes = bytes_of("photo_250x198.png");
     let tasks: Vec<_> = (0..5)
         .map(|_| {
-            let engine = Arc::clone(&engine);
-            tokio::spawn(async move {
-                engine.translate(x2y(), bytes_of("photo_250x198.png"), OutputFormat::Png).await
-            })
+            let ticket = engine.admit(bytes.len() as u64).unwrap();
+            let (engine, bytes) = (Arc::clone(&engine), bytes.clone());
+            tokio::spawn(async move { engine.translate(ticket, x2y(), bytes, OutputFormat::Png).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    gate.wait_started(1).await;
+    engine.begin_shutdown();
+    assert!(matches!(engine.admit(10), Err(EngineError::ShuttingDown)));
+    gate.open(usize::MAX);
     engine.shutdown().await;
     for task in tasks {
         let done = task.await.unwrap().unwrap();
@@ -270,14 +327,12 @@ async fn shutdown_finishes_what_is_queued_and_refuses_the_rest() {
     }
     assert_eq!(computed.load(Ordering::SeqCst), 5);
     assert!(!engine.is_ready());
-    let late = engine.translate(x2y(), bytes_of("gray16.png"), OutputFormat::Png).await;
-    assert!(matches!(late, Err(EngineError::ShuttingDown)), "{late:?}");
 }
 
 #[test]
 fn requests_name_models_and_directions_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let (engine, _, _) = test_engine(dir.path(), EngineConfig::default(), Duration::ZERO, false);
+    let (engine, _, _) = test_engine(dir.path(), EngineConfig::default(), Gate::new(true), false);
     assert_eq!(engine.resolve(Some("tiny"), "painting2photo").unwrap().direction, Direction::YtoX);
     let err = engine.resolve(Some("huge"), "x2y").unwrap_err().to_string();
     assert_eq!(err, "no model named `huge`; loaded: tiny");
@@ -292,15 +347,12 @@ async fn a_worker_that_cannot_load_reports_why() {
     let factory: RunnerFactory = Box::new(|| Err("out of device memory".to_string()));
     let engine = Engine::with_runners(
         vec![info],
+        Executor::FastCpu,
         vec![factory],
         EngineConfig::default(),
         Arc::new(Recorder::default()),
     );
-    let started = Instant::now();
-    while engine.failed_worker().is_none() {
-        assert!(started.elapsed() < Duration::from_secs(10), "the failure was never reported");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until("the failure reported", || engine.failed_worker().is_some()).await;
     assert_eq!(engine.failed_worker().unwrap(), "an inference worker could not start: out of device memory");
     assert!(!engine.is_ready());
 }

@@ -1,7 +1,6 @@
 //! `cycleserve serve` (and plain `cycleserve`): the HTTP server.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,8 @@ use clap::Args;
 use crate::device::{device_name, DeviceSpec};
 use crate::engine::catalog::load_models_dir;
 use crate::engine::codec::DecodeOptions;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, Oversize};
+use crate::memory::{self, parse_bytes};
 use crate::http::{self, metrics, server, AppState, ServerConfig};
 
 #[derive(Debug, Args)]
@@ -52,6 +52,15 @@ pub struct ServeArgs {
     /// Origins allowed by CORS, comma-separated (`*` for any); CORS is off when empty.
     #[arg(long, env = "CYCLESERVE_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
     cors_origins: Vec<String>,
+    /// Memory that requests in flight may reserve together (decoded images, network passes,
+    /// results), e.g. `1.5GiB` or `800MB`. Default: 80 % of the cgroup memory limit when one is
+    /// set, else 50 % of physical memory.
+    #[arg(long, env = "CYCLESERVE_MEMORY_BUDGET", value_parser = parse_bytes)]
+    memory_budget: Option<u64>,
+    /// Images too large for the memory budget even alone: `downscale` shrinks them until they
+    /// fit (the response says so in X-Downscaled-From), `reject` answers 413.
+    #[arg(long, env = "CYCLESERVE_OVERSIZE", value_enum, default_value = "downscale")]
+    oversize: Oversize,
     /// Seconds to finish in-flight requests after SIGTERM before exiting anyway.
     #[arg(long, env = "CYCLESERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
@@ -59,7 +68,10 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve(args))
+    let result = runtime.block_on(serve(args));
+    // Past the grace period, blocking tasks may still be running: do not wait for them.
+    runtime.shutdown_background();
+    result
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -76,6 +88,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let request_timeout = Duration::from_millis(args.request_timeout_ms);
+    let memory_budget = match args.memory_budget {
+        Some(bytes) => bytes,
+        None => memory::default_budget()?,
+    };
+    tracing::info!(memory_budget_bytes = memory_budget, oversize = ?args.oversize, "memory budget");
     let config = EngineConfig {
         max_batch_size: args.max_batch_size.max(1),
         max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
@@ -86,16 +103,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_pixels: args.max_pixels,
             max_side: args.max_side,
         },
+        memory_budget,
+        oversize: args.oversize,
     };
     let metrics_handle = metrics::install(env!("CARGO_PKG_VERSION"), &device_label)?;
     metrics::spawn_upkeep(metrics_handle.clone());
     let engine = Engine::new(models, vec![device], config, Arc::new(metrics::PrometheusObserver));
     let engine = Arc::new(engine);
-    exit_if_loading_fails(Arc::clone(&engine));
     let state = AppState {
         engine,
         metrics: Some(metrics_handle),
-        shutting_down: Arc::new(AtomicBool::new(false)),
         device: device_label,
         max_body_bytes: args.max_body_bytes,
     };
@@ -108,18 +125,4 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
     http::server::serve(state, server_config).await
-}
-
-/// A worker that cannot load its models leaves the server unable to serve: exit non-zero so the
-/// supervisor (container runtime, Kubernetes) restarts it instead of keeping it unready forever.
-fn exit_if_loading_fails(engine: Arc<Engine>) {
-    tokio::spawn(async move {
-        while !engine.is_ready() {
-            if let Some(failure) = engine.failed_worker() {
-                tracing::error!(%failure, "models could not be loaded; exiting");
-                std::process::exit(1);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
 }

@@ -11,19 +11,16 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage, Rgba
 use serde::Serialize;
 
 use crate::model::layers::reflect_indices;
+use crate::model::pixels::{from_level, padded_side, to_level};
 
-/// The generator downsamples twice, so it maps sizes that are multiples of 4 onto themselves.
-pub const SIZE_MULTIPLE: u32 = 4;
-/// The smallest side the generator runs at: its 2×2 bottleneck can still be reflection-padded
-/// by one pixel. Smaller images are padded up to it and cropped back.
-pub const MIN_NETWORK_SIDE: u32 = 8;
 
 /// Bounds on what a caller may send, and how large an image the network is given.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeOptions {
     /// Encoded size in bytes.
     pub max_bytes: usize,
-    /// Decoded width × height, checked from the header before any pixel is decoded.
+    /// Pixels of the padded size the network runs at (each side rounded up to a multiple of 4,
+    /// at least 8), checked from the header before any pixel is decoded.
     pub max_pixels: u64,
     /// Larger images are downscaled (Lanczos3, aspect kept) so their longer side is this long.
     pub max_side: Option<u32>,
@@ -40,12 +37,17 @@ impl Default for DecodeOptions {
 pub enum ImageError {
     #[error("image is {size} bytes, more than the limit of {limit} bytes")]
     TooManyBytes { size: usize, limit: usize },
-    #[error("image is {width}×{height} = {} pixels, more than the limit of {limit} pixels", *width as u64 * *height as u64)]
+    #[error(
+        "image is {width}×{height}: it runs at {}×{} = {} pixels, more than the limit of {limit} pixels",
+        padded_side(*width), padded_side(*height), padded_side(*width) as u64 * padded_side(*height) as u64
+    )]
     TooManyPixels { width: u32, height: u32, limit: u64 },
     #[error("not a supported image: {0}")]
     Unsupported(String),
     #[error("image data is corrupt or truncated: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    TooMuchMemory(String),
     #[error("image is {width}×{height}: it has no pixels")]
     Empty { width: u32, height: u32 },
     #[error("cannot encode the result: {0}")]
@@ -73,7 +75,7 @@ impl DecodedImage {
 
     /// The size the network runs at: each side rounded up to a multiple of 4, and to at least 8.
     pub fn padded_size(&self) -> (u32, u32) {
-        (padded(self.width()), padded(self.height()))
+        (padded_side(self.width()), padded_side(self.height()))
     }
 
     /// Builds a decoded image from an RGB buffer (no alpha), e.g. a downscaled or generated one.
@@ -82,18 +84,51 @@ impl DecodedImage {
     }
 }
 
-fn padded(side: u32) -> u32 {
-    (side.div_ceil(SIZE_MULTIPLE) * SIZE_MULTIPLE).max(MIN_NETWORK_SIDE)
+/// Bytes a decoder may allocate while reading headers and metadata (ICC profiles, text chunks,
+/// TIFF tags) before any pixel: enough for real files, far below what a metadata bomb asks for.
+const HEADER_ALLOC: u64 = 16 << 20;
+
+/// Room for a decoder's own state beside the image buffer it fills.
+const DECODER_SLACK: u64 = 8 << 20;
+
+/// What an image's header says, read before any pixel is decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageHeader {
+    pub format: ImageFormat,
+    /// As stored (before the EXIF orientation is applied).
+    pub stored: (u32, u32),
+    /// As displayed, after the EXIF orientation.
+    pub width: u32,
+    pub height: u32,
+    /// Bytes per pixel of the decoder's output (16-bit RGBA: 8).
+    pub bytes_per_pixel: u64,
+    pub has_alpha: bool,
 }
 
-/// Sniffs the format from the bytes, checks the limits against the header, decodes, applies the
-/// EXIF orientation, downscales past `max_side`, and splits off alpha. Grayscale and 16-bit
-/// images become 8-bit RGB.
-pub fn decode(bytes: &[u8], limits: &DecodeOptions) -> Result<DecodedImage, ImageError> {
-    if bytes.len() > limits.max_bytes {
-        return Err(ImageError::TooManyBytes { size: bytes.len(), limit: limits.max_bytes });
+impl ImageHeader {
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+
+    /// The size after fitting the longer side within `side`, as [`decode`] does.
+    pub fn fitted(&self, side: Option<u32>) -> (u32, u32) {
+        match side {
+            Some(side) if self.width.max(self.height) > side => fit_within(self.width, self.height, side),
+            _ => (self.width, self.height),
+        }
+    }
+}
+
+/// The size of a `width`×`height` image scaled (aspect kept, as `DynamicImage::resize`) so its
+/// longer side is `side`.
+pub fn fit_within(width: u32, height: u32, side: u32) -> (u32, u32) {
+    let scale = side as f64 / width.max(height) as f64;
+    let scaled = |v: u32| ((v as f64 * scale).round() as u32).clamp(1, side);
+    (scaled(width), scaled(height))
+}
+
+fn reader(bytes: &[u8], limits: image::Limits) -> Result<(ImageReader<Cursor<&[u8]>>, ImageFormat), ImageError> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let Some(format) = reader.format() else {
@@ -101,21 +136,99 @@ pub fn decode(bytes: &[u8], limits: &DecodeOptions) -> Result<DecodedImage, Imag
             "unrecognised format; send PNG, JPEG, WebP, BMP, GIF or TIFF".into(),
         ));
     };
-    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
-    let (width, height) = decoder.dimensions();
-    if width as u64 * height as u64 > limits.max_pixels {
-        return Err(ImageError::TooManyPixels { width, height, limit: limits.max_pixels });
+    // Limits set on the reader reach the decoder as it is built (PNG reads its metadata
+    // chunks while being built); set later they would come too late.
+    reader.limits(limits);
+    Ok((reader, format))
+}
+
+/// Sniffs the format and reads the header with a small allocation cap, checking the byte and
+/// pixel limits (pixels of the padded size the network would run at) before any pixel is
+/// decoded.
+pub fn probe(bytes: &[u8], options: &DecodeOptions) -> Result<ImageHeader, ImageError> {
+    if bytes.len() > options.max_bytes {
+        return Err(ImageError::TooManyBytes { size: bytes.len(), limit: options.max_bytes });
     }
-    // Belt and braces for decoders whose header understates what they allocate: 8 bytes per
-    // pixel covers 16-bit RGBA, plus room for decoder state.
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    decoder.set_limits(decoder_limits).map_err(|e| decode_error(format, e))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(HEADER_ALLOC);
+    let (reader, format) = reader(bytes, limits)?;
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
+    let stored = decoder.dimensions();
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let (width, height) = match orientation {
+        image::metadata::Orientation::Rotate90
+        | image::metadata::Orientation::Rotate270
+        | image::metadata::Orientation::Rotate90FlipH
+        | image::metadata::Orientation::Rotate270FlipH => (stored.1, stored.0),
+        _ => stored,
+    };
+    if width == 0 || height == 0 {
+        return Err(ImageError::Empty { width, height });
+    }
+    let padded = padded_side(width) as u64 * padded_side(height) as u64;
+    if padded > options.max_pixels {
+        return Err(ImageError::TooManyPixels { width, height, limit: options.max_pixels });
+    }
+    let color = decoder.color_type();
+    Ok(ImageHeader {
+        format,
+        stored,
+        width,
+        height,
+        bytes_per_pixel: color.bytes_per_pixel() as u64,
+        has_alpha: color.has_alpha(),
+    })
+}
+
+/// Bytes [`decode_probed`] holds at its peak, body excluded: the decoder's buffer (and a rotated
+/// copy), the downscaling passes, and the RGB and alpha planes it returns.
+pub fn decode_peak_bytes(header: &ImageHeader, fit_side: Option<u32>) -> u64 {
+    let source = header.pixels();
+    let (w, h) = header.fitted(fit_side);
+    let target = w as u64 * h as u64;
+    let decoded = 2 * source * header.bytes_per_pixel + DECODER_SLACK;
+    // Lanczos resizing goes through a width × new-height RGBA f32 image.
+    let resize = if target < source {
+        header.width as u64 * h as u64 * 16 + target * header.bytes_per_pixel
+    } else {
+        0
+    };
+    // Splitting off alpha goes through an RGBA copy.
+    decoded + resize + target * (3 + 4 + 1)
+}
+
+/// Bytes a decoded image keeps: its RGB plane and its alpha plane.
+pub fn decoded_bytes(width: u32, height: u32, has_alpha: bool) -> u64 {
+    width as u64 * height as u64 * if has_alpha { 4 } else { 3 }
+}
+
+/// Sniffs, probes and decodes in one go, fitting within `options.max_side` (the command-line
+/// tools and training; the server probes first and budgets the decode).
+pub fn decode(bytes: &[u8], options: &DecodeOptions) -> Result<DecodedImage, ImageError> {
+    let header = probe(bytes, options)?;
+    decode_probed(bytes, &header, options.max_side)
+}
+
+/// Decodes an image whose header [`probe`] read, with the decoder allowed no more memory than
+/// that header implies; applies the EXIF orientation, fits the longer side within `fit_side`,
+/// and splits off alpha. Grayscale and 16-bit images become 8-bit RGB.
+pub fn decode_probed(
+    bytes: &[u8],
+    header: &ImageHeader,
+    fit_side: Option<u32>,
+) -> Result<DecodedImage, ImageError> {
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(header.stored.0);
+    limits.max_image_height = Some(header.stored.1);
+    let buffer = header.stored.0 as u64 * header.stored.1 as u64 * header.bytes_per_pixel;
+    limits.max_alloc = Some(buffer + DECODER_SLACK);
+    let (reader, format) = reader(bytes, limits)?;
+    let mut decoder = reader.into_decoder().map_err(|e| decode_error(format, e))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
     image.apply_orientation(orientation);
     let mut downscaled_from = None;
-    if let Some(side) = limits.max_side.filter(|&s| image.width().max(image.height()) > s) {
+    if let Some(side) = fit_side.filter(|&s| image.width().max(image.height()) > s) {
         downscaled_from = Some((image.width(), image.height()));
         image = image.resize(side, side, image::imageops::FilterType::Lanczos3);
     }
@@ -130,9 +243,9 @@ fn decode_error(format: ImageFormat, err: image::ImageError) -> ImageError {
     let name = format.extensions_str().first().copied().unwrap_or("image").to_uppercase();
     match err {
         image::ImageError::Unsupported(e) => ImageError::Unsupported(format!("{name}: {e}")),
-        image::ImageError::Limits(e) => {
-            ImageError::Corrupt(format!("{name} needs more memory than allowed: {e}"))
-        }
+        image::ImageError::Limits(e) => ImageError::TooMuchMemory(format!(
+            "{name}: decoding it needs more memory than its size allows ({e})"
+        )),
         other => ImageError::Corrupt(format!("{name}: {other}")),
     }
 }
@@ -155,16 +268,6 @@ pub fn to_network_input(images: &[&DecodedImage], width: u32, height: u32) -> Ve
         }
     }
     out
-}
-
-/// An 8-bit level as a network input value in [-1, 1].
-pub fn from_level(v: u8) -> f32 {
-    v as f32 / 127.5 - 1.0
-}
-
-/// A network output value in [-1, 1] as an 8-bit level.
-pub fn to_level(v: f32) -> u8 {
-    ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) as u8
 }
 
 /// Turns one network output (CHW f32 at the padded size) back into pixels: crop the top-left

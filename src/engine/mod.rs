@@ -1,11 +1,15 @@
 //! The inference engine: from encoded image to encoded result for many concurrent callers.
 //!
-//! decode (blocking pool) → bounded queue → dynamic batcher ([`queue`]) → one worker thread per
-//! device ([`worker`]) → encode (blocking pool). The async runtime only awaits; decoding and
-//! encoding of some requests overlap with inference of others.
+//! admission (a queue slot, and the body's bytes in the memory [`budget`]) → header probe and
+//! costing ([`footprint`]) → decode (blocking pool) → bounded queue → dynamic batcher
+//! ([`queue`]) → one worker thread per device ([`worker`]) → encode (blocking pool). The async
+//! runtime only awaits; decoding and encoding of some requests overlap with inference of others.
+//! Every stage's memory is reserved before it is spent and released when it is freed.
 
+pub mod budget;
 pub mod catalog;
 pub mod codec;
+pub mod footprint;
 pub mod observer;
 pub mod queue;
 pub mod worker;
@@ -15,52 +19,42 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use candle_core::{Device, Tensor};
-use image::DynamicImage;
-use tokio::sync::{oneshot, Semaphore};
+use candle_core::Device;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::model::{Direction, Model, ModelError, ModelFile};
+use crate::model::{Direction, Executor, ModelFile};
+use budget::{Admission, MemoryBudget};
 pub use catalog::ModelInfo;
-use codec::{DecodeOptions, DecodedImage, ImageError, OutputFormat};
+use codec::{DecodeOptions, ImageError, ImageHeader, OutputFormat};
+use footprint::{Footprint, MemoryModel};
 use observer::{Observer, Outcome};
-use queue::{BatchKey, Entry, Queue};
+use queue::{BatchKey, Computed, Entry, Queue};
+pub use worker::run_batch;
 use worker::{BatchRunner, ModelRunner, RunnerFactory, WorkerContext};
 
-/// Runs one direction of `model` on images that share a padded size and returns each result at
-/// its own input size. This is the whole numeric path; batching only decides what to group.
-pub fn run_batch(
-    model: &Model,
-    direction: Direction,
-    images: &[&DecodedImage],
-    device: &Device,
-) -> Result<Vec<DynamicImage>, ModelError> {
-    let Some(first) = images.first() else { return Ok(Vec::new()) };
-    let (width, height) = first.padded_size();
-    if let Some(other) = images.iter().find(|i| i.padded_size() != (width, height)) {
-        return Err(candle_core::Error::Msg(format!(
-            "a batch must share one padded size: {:?} and {:?}",
-            (width, height),
-            other.padded_size()
-        ))
-        .into());
-    }
-    let data = codec::to_network_input(images, width, height);
-    let shape = (images.len(), 3, height as usize, width as usize);
-    let input = Tensor::from_vec(data, shape, device)?;
-    let output = model.forward(direction, &input)?.to_device(&Device::Cpu)?;
-    let output = output.flatten_from(1)?.to_vec2::<f32>()?;
-    Ok(output.iter().zip(images).map(|(chw, image)| codec::from_network_output(chw, width, image)).collect())
+/// What to do with an image that could never fit the memory budget, even alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Oversize {
+    /// Answer 413 naming the largest size that fits.
+    Reject,
+    /// Shrink it to the largest size that fits, and say so in the response.
+    #[default]
+    Downscale,
 }
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
-    /// Requests admitted but not yet computing (decoding or queued); beyond it: Overloaded.
+    /// Requests admitted and not yet computing (reading their body, decoding, or queued);
+    /// beyond it: Overloaded.
     pub queue_capacity: usize,
     /// From admission to encoded result.
     pub request_timeout: Duration,
     pub decode: DecodeOptions,
+    /// Bytes that requests in flight may hold together.
+    pub memory_budget: u64,
+    pub oversize: Oversize,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +65,8 @@ impl Default for EngineConfig {
             queue_capacity: 64,
             request_timeout: Duration::from_secs(60),
             decode: DecodeOptions::default(),
+            memory_budget: 4 << 30,
+            oversize: Oversize::default(),
         }
     }
 }
@@ -84,8 +80,15 @@ pub enum EngineError {
     ModelRequired { available: Vec<String> },
     #[error("{0}")]
     BadDirection(String),
-    #[error("the queue is full; retry shortly")]
+    #[error("the server is busy; retry shortly")]
     Overloaded,
+    #[error(
+        "a {width}×{height} image needs about {} MiB with model `{model}`, more than this \
+         server's memory budget of {} MiB; the largest image it accepts for that model is \
+         about {largest_side}×{largest_side} ({} megapixels)",
+        needed >> 20, budget >> 20, (*largest_side as u64 * *largest_side as u64) / 1_000_000
+    )]
+    TooLarge { width: u32, height: u32, model: String, needed: u64, budget: u64, largest_side: u32 },
     #[error("the request did not finish within its deadline")]
     TimedOut,
     #[error("the server is shutting down")]
@@ -102,11 +105,14 @@ impl EngineError {
             Self::Overloaded => Outcome::Overloaded,
             Self::TimedOut => Outcome::TimedOut,
             Self::ShuttingDown => Outcome::ShuttingDown,
-            Self::Image(_)
-            | Self::UnknownModel { .. }
-            | Self::ModelRequired { .. }
-            | Self::BadDirection(_) => Outcome::BadImage,
-            Self::Internal(_) => Outcome::Internal,
+            Self::TooLarge { .. } => Outcome::TooLarge,
+            Self::Image(ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. }) => Outcome::TooLarge,
+            Self::Image(ImageError::TooMuchMemory(_)) => Outcome::TooLarge,
+            Self::Image(ImageError::Encode(_)) | Self::Internal(_) => Outcome::Internal,
+            Self::Image(_) => Outcome::BadImage,
+            Self::UnknownModel { .. } | Self::ModelRequired { .. } | Self::BadDirection(_) => {
+                Outcome::BadRequest
+            }
         }
     }
 }
@@ -127,7 +133,7 @@ pub struct Translation {
     pub format: OutputFormat,
     pub width: u32,
     pub height: u32,
-    /// Set when `max_side` shrank the input first.
+    /// Set when `max_side` or the memory budget shrank the input first.
     pub downscaled_from: Option<(u32, u32)>,
     pub batch_size: usize,
     pub timings: Timings,
@@ -140,12 +146,27 @@ pub struct Target {
     pub direction: Direction,
 }
 
+/// A request's place in the engine, taken before its body is read: a queue slot and the
+/// body's bytes in the memory budget. Both are held until the image is decoded.
+pub struct Ticket {
+    slot: OwnedSemaphorePermit,
+    body: Admission,
+}
+
+impl Ticket {
+    /// The body turned out `bytes` long: release the rest of what was reserved for it.
+    pub fn body_read(&mut self, bytes: usize) {
+        self.body.shrink_to(bytes as u64);
+    }
+}
+
 pub struct Engine {
     models: Vec<ModelInfo>,
     config: EngineConfig,
     context: Arc<WorkerContext>,
     workers: Mutex<Vec<std::thread::JoinHandle<Result<(), String>>>>,
     worker_count: usize,
+    /// Set when shutdown begins: the one flag readiness and admission both read.
     closing: AtomicBool,
 }
 
@@ -158,6 +179,7 @@ impl Engine {
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Self {
+        let executor = devices.first().map_or(Executor::FastCpu, Executor::for_device);
         let (infos, files): (Vec<_>, Vec<_>) = models.into_iter().unzip();
         let factories: Vec<RunnerFactory> = devices
             .into_iter()
@@ -168,23 +190,35 @@ impl Engine {
                 }) as RunnerFactory
             })
             .collect();
-        Self::with_runners(infos, factories, config, observer)
+        Self::with_runners(infos, executor, factories, config, observer)
     }
 
-    /// Starts one worker per runner factory; the runners stand for devices.
+    /// Starts one worker per runner factory; the runners stand for devices and run the models
+    /// with `executor` (which decides how their memory is costed).
     pub fn with_runners(
         models: Vec<ModelInfo>,
+        executor: Executor,
         factories: Vec<RunnerFactory>,
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Self {
         let capacity = config.queue_capacity.max(1);
+        let threads = rayon::current_num_threads();
+        let memory = models
+            .iter()
+            .map(|m| MemoryModel { architecture: m.metadata.architecture, executor, threads })
+            .collect();
+        let reporter = Arc::clone(&observer);
+        let budget = MemoryBudget::new(config.memory_budget, Box::new(move |bytes| reporter.memory_reserved(bytes)));
+        observer.memory_budget(config.memory_budget);
         let context = Arc::new(WorkerContext {
             queue: Arc::new(Queue::default()),
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             observer,
             model_names: models.iter().map(|m| m.name.clone()).collect(),
+            memory,
+            budget,
             max_batch_size: config.max_batch_size.max(1),
             max_batch_delay: config.max_batch_delay,
             ready: Default::default(),
@@ -223,9 +257,33 @@ impl Engine {
         &self.models
     }
 
-    /// Every worker has loaded its models and run its warm-up inference.
+    /// How requests to model `index` are costed in memory.
+    pub fn memory_model(&self, index: usize) -> MemoryModel {
+        self.context.memory[index]
+    }
+
+    pub fn memory_budget(&self) -> u64 {
+        self.config.memory_budget
+    }
+
+    /// The largest square image model `index` accepts within the budget.
+    pub fn largest_square(&self, index: usize) -> u32 {
+        self.context.memory[index].largest_square(self.config.memory_budget, self.config.decode.max_bytes as u64)
+    }
+
+    /// Every worker has loaded its models and run its warm-up inference, and shutdown has not
+    /// begun.
     pub fn is_ready(&self) -> bool {
-        self.context.ready.load(Ordering::SeqCst) == self.worker_count && !self.closing.load(Ordering::SeqCst)
+        self.context.ready.load(Ordering::SeqCst) == self.worker_count && !self.is_shutting_down()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Readiness fails and new requests are refused from now on; [`Engine::shutdown`] drains.
+    pub fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
     }
 
     /// Why a worker could not load its models, if one could not.
@@ -243,15 +301,39 @@ impl Engine {
         catalog::resolve(&self.models, model, direction).map(|(model, direction)| Target { model, direction })
     }
 
-    /// Translates one encoded image. Overloaded comes back at once when the queue is full;
-    /// dropping the future before the batch starts keeps the request from being computed.
+    /// Takes a queue slot and reserves room for a body of up to `max_body` bytes, before any of
+    /// it is read: Overloaded at once when either is not to be had.
+    pub fn admit(&self, max_body: u64) -> Result<Ticket, EngineError> {
+        let result = self.try_ticket(max_body);
+        if let Err(err) = &result {
+            self.context.observer.outcome(err.outcome());
+        }
+        self.context.report_queue_depth();
+        result
+    }
+
+    fn try_ticket(&self, max_body: u64) -> Result<Ticket, EngineError> {
+        if self.is_shutting_down() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let slot = Arc::clone(&self.context.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
+        let body = self.context.budget.try_admit(max_body, 0).ok_or(EngineError::Overloaded)?;
+        Ok(Ticket { slot, body })
+    }
+
+    /// Translates one encoded image. Dropping the future before the batch starts keeps the
+    /// request from being computed; the memory it reserved stays reserved until the work it
+    /// stands for (a decode already running, say) has ended.
     pub async fn translate(
         &self,
+        ticket: Ticket,
         target: Target,
         bytes: Bytes,
         format: OutputFormat,
     ) -> Result<Translation, EngineError> {
-        let result = self.admit_and_run(target, bytes, format).await;
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let work = self.run(ticket, target, bytes, format, deadline);
+        let result = tokio::time::timeout_at(deadline, work).await.unwrap_or(Err(EngineError::TimedOut));
         let outcome = result.as_ref().map_or_else(EngineError::outcome, |_| Outcome::Ok);
         self.context.observer.outcome(outcome);
         // A request that failed before its batch gave its slot back without the worker seeing it.
@@ -259,74 +341,96 @@ impl Engine {
         result
     }
 
-    async fn admit_and_run(
+    async fn run(
         &self,
+        ticket: Ticket,
         target: Target,
         bytes: Bytes,
         format: OutputFormat,
+        deadline: tokio::time::Instant,
     ) -> Result<Translation, EngineError> {
-        if self.closing.load(Ordering::SeqCst) {
-            return Err(EngineError::ShuttingDown);
+        let started = Instant::now();
+        let options = self.config.decode;
+        let (header, bytes) = blocking(move || codec::probe(&bytes, &options).map(|h| (h, bytes))).await??;
+        let (fit_side, footprint) = self.plan(target, &header, bytes.len() as u64)?;
+        // The body is already reserved by the ticket.
+        let admission = self.context.budget.admit(footprint.decoding, footprint.network).await;
+        let waiting = footprint.waiting;
+        let (image, slot, admission) = blocking(move || {
+            let Ticket { slot, body } = ticket;
+            let mut admission = admission;
+            let image = codec::decode_probed(&bytes, &header, fit_side);
+            drop((bytes, body));
+            admission.shrink_to(waiting);
+            image.map(|image| (image, slot, admission))
+        })
+        .await??;
+        let decode = started.elapsed();
+        self.context.observer.decoded(decode);
+
+        let (width, height) = image.padded_size();
+        let key = BatchKey { model: target.model, direction: target.direction, width, height };
+        let (reply, receiver) = oneshot::channel();
+        let downscaled_from = image.downscaled_from;
+        let enqueued = Instant::now();
+        let entry = Entry { key, image, enqueued, deadline: deadline.into_std(), reply, slot: Some(slot), admission };
+        self.context.queue.push(entry).map_err(|_| EngineError::ShuttingDown)?;
+        let computed =
+            receiver.await.map_err(|_| EngineError::Internal("the inference worker stopped".into()))??;
+
+        let encode_started = Instant::now();
+        let Computed { image, admission, queue_wait, inference, batch_size } = computed;
+        let (out_width, out_height) = (image.width(), image.height());
+        let bytes = blocking(move || {
+            let encoded = codec::encode(&image, format);
+            drop((image, admission));
+            encoded
+        })
+        .await??;
+        let encode = encode_started.elapsed();
+        self.context.observer.encoded(encode);
+        Ok(Translation {
+            bytes,
+            format,
+            width: out_width,
+            height: out_height,
+            downscaled_from,
+            batch_size,
+            timings: Timings { decode, queue: queue_wait, inference, encode },
+        })
+    }
+
+    /// The side to fit the image within and its footprint; refuses an image that can never fit
+    /// the budget (or, with [`Oversize::Downscale`], shrinks it until it does).
+    fn plan(&self, target: Target, header: &ImageHeader, body: u64) -> Result<(Option<u32>, Footprint), EngineError> {
+        let memory = &self.context.memory[target.model];
+        let budget = self.config.memory_budget;
+        let max_side = self.config.decode.max_side;
+        let footprint = memory.footprint(header, max_side, 0);
+        if body + footprint.alone() <= budget {
+            return Ok((max_side, footprint));
         }
-        let slot =
-            Arc::clone(&self.context.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
-        self.context.report_queue_depth();
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
-        let work = async {
-            let started = Instant::now();
-            let options = self.config.decode;
-            let image = tokio::task::spawn_blocking(move || codec::decode(&bytes, &options))
-                .await
-                .map_err(|e| EngineError::Internal(format!("decoder task failed: {e}")))??;
-            let decode = started.elapsed();
-            self.context.observer.decoded(decode);
-
-            let (width, height) = image.padded_size();
-            let key = BatchKey { model: target.model, direction: target.direction, width, height };
-            let (reply, receiver) = oneshot::channel();
-            let downscaled_from = image.downscaled_from;
-            let entry = Entry {
-                key,
-                image,
-                enqueued: Instant::now(),
-                deadline: deadline.into_std(),
-                reply,
-                slot: Some(slot),
-            };
-            self.context.queue.push(entry).map_err(|_| EngineError::ShuttingDown)?;
-            let computed = receiver
-                .await
-                .map_err(|_| EngineError::Internal("the inference worker stopped".into()))??;
-
-            let encode_started = Instant::now();
-            let image = computed.image;
-            let (out_width, out_height) = (image.width(), image.height());
-            let bytes = tokio::task::spawn_blocking(move || codec::encode(&image, format))
-                .await
-                .map_err(|e| EngineError::Internal(format!("encoder task failed: {e}")))??;
-            let encode = encode_started.elapsed();
-            self.context.observer.encoded(encode);
-            Ok(Translation {
-                bytes,
-                format,
-                width: out_width,
-                height: out_height,
-                downscaled_from,
-                batch_size: computed.batch_size,
-                timings: Timings {
-                    decode,
-                    queue: computed.queue_wait,
-                    inference: computed.inference,
-                    encode,
-                },
-            })
+        let longest = header.fitted(max_side).0.max(header.fitted(max_side).1);
+        let shrunk = match self.config.oversize {
+            Oversize::Downscale => memory.fit_side(header, longest, body, budget),
+            Oversize::Reject => None,
         };
-        tokio::time::timeout_at(deadline, work).await.unwrap_or(Err(EngineError::TimedOut))
+        match shrunk {
+            Some(side) => Ok((Some(side), memory.footprint(header, Some(side), 0))),
+            None => Err(EngineError::TooLarge {
+                width: header.width,
+                height: header.height,
+                model: self.models[target.model].name.clone(),
+                needed: body + footprint.alone(),
+                budget,
+                largest_side: self.largest_square(target.model),
+            }),
+        }
     }
 
     /// Stops admitting requests, lets the workers finish everything admitted, and waits for them.
     pub async fn shutdown(&self) {
-        self.closing.store(true, Ordering::SeqCst);
+        self.begin_shutdown();
         // Holding every slot means each admitted request has been taken by a worker (or gave
         // up): requests still decoding are not cut off by closing the queue under them.
         let all_slots = self.context.slots.acquire_many(self.context.capacity as u32).await;
@@ -340,4 +444,11 @@ impl Engine {
         })
         .await;
     }
+}
+
+/// Runs `work` on the blocking pool; a panic there is an internal error.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| EngineError::Internal(format!("a blocking task failed: {e}")))
 }

@@ -14,8 +14,12 @@ pub enum Outcome {
     TimedOut,
     /// Its caller went away before it was computed; it never reached the network.
     Dropped,
-    /// The image could not be used.
+    /// The image could not be decoded, or is no supported image.
     BadImage,
+    /// Refused for its size: bytes, pixels, or memory beyond the budget.
+    TooLarge,
+    /// Asked for a model or direction that does not exist.
+    BadRequest,
     /// The network or the encoder failed.
     Internal,
     /// Refused because the engine is shutting down.
@@ -30,6 +34,8 @@ impl Outcome {
             Self::TimedOut => "timed_out",
             Self::Dropped => "dropped",
             Self::BadImage => "bad_image",
+            Self::TooLarge => "too_large",
+            Self::BadRequest => "bad_request",
             Self::Internal => "internal",
             Self::ShuttingDown => "shutting_down",
         }
@@ -48,6 +54,10 @@ pub trait Observer: Send + Sync + 'static {
     fn encoded(&self, _took: Duration) {}
     /// A request ended.
     fn outcome(&self, _outcome: Outcome) {}
+    /// The memory budget requests share, in bytes (told once).
+    fn memory_budget(&self, _bytes: u64) {}
+    /// Bytes reserved in the budget now.
+    fn memory_reserved(&self, _bytes: u64) {}
 }
 
 /// An observer that ignores everything.

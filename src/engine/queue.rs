@@ -3,7 +3,9 @@
 //! A batch is the oldest waiting request plus those that share its model, direction and padded
 //! size (instance norm makes mixing sizes wrong), up to `max_batch_size`. It closes when full or
 //! when that oldest request has waited `max_batch_delay`. Always serving the oldest request's
-//! group first keeps the queue FIFO across groups, so a rare size is never starved.
+//! group first keeps the queue FIFO across groups, so a rare size is never starved. A batch is
+//! also never larger than the memory budget lets its network pass be: it shrinks, and the rest
+//! of its group stays queued.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use image::DynamicImage;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
+use super::budget::{Admission, Reservation};
 use super::codec::DecodedImage;
 use super::EngineError;
 use crate::model::Direction;
@@ -28,6 +31,8 @@ pub struct BatchKey {
 /// A network result and how it was reached.
 pub struct Computed {
     pub image: DynamicImage,
+    /// The request's memory, held until its result is encoded.
+    pub admission: Admission,
     pub queue_wait: Duration,
     pub inference: Duration,
     pub batch_size: usize,
@@ -44,16 +49,24 @@ pub struct Entry {
     pub reply: oneshot::Sender<Reply>,
     /// Holds the request's queue slot; released when the batcher takes it.
     pub slot: Option<OwnedSemaphorePermit>,
+    /// The request's memory: its decoded image, room for its result, and a claim on its pass.
+    pub admission: Admission,
 }
 
 /// What the batcher takes out of the queue.
 pub struct Taken {
     pub batch: Vec<Entry>,
+    /// The batch's network pass in the memory budget (`None` when the batch is empty).
+    pub reservation: Option<Reservation>,
     /// Requests whose caller has gone: they are not computed.
     pub abandoned: Vec<Entry>,
     /// Requests whose deadline passed while waiting: they are not computed either.
     pub expired: Vec<Entry>,
 }
+
+/// How soon a batch that did not fit the memory budget looks again (only with several devices,
+/// whose passes hold memory independently).
+const BUDGET_RETRY: Duration = Duration::from_millis(10);
 
 #[derive(Default)]
 struct State {
@@ -99,14 +112,21 @@ impl Queue {
         self.len() == 0
     }
 
-    /// Blocks until a batch is due and returns it; `None` once closed and drained.
-    pub fn next_batch(&self, max_size: usize, max_delay: Duration) -> Option<Taken> {
+    /// Blocks until a batch is due and its network pass can be reserved, and returns it;
+    /// `None` once closed and drained. `reserve(key, size)` reserves the pass of a batch of
+    /// `size` requests of `key`, or says it does not fit now.
+    pub fn next_batch(
+        &self,
+        max_size: usize,
+        max_delay: Duration,
+        reserve: impl Fn(&BatchKey, usize) -> Option<Reservation>,
+    ) -> Option<Taken> {
         let mut state = self.lock();
         loop {
             let now = Instant::now();
             let (abandoned, expired) = purge(&mut state.entries, now);
             if !abandoned.is_empty() || !expired.is_empty() {
-                return Some(Taken { batch: Vec::new(), abandoned, expired });
+                return Some(Taken { batch: Vec::new(), reservation: None, abandoned, expired });
             }
             let Some(head) = state.entries.front() else {
                 if state.closed {
@@ -119,8 +139,16 @@ impl Queue {
             let due = head.enqueued + max_delay;
             let waiting = state.entries.iter().filter(|e| e.key == key).count();
             if waiting >= max_size || now >= due || state.closed {
-                let batch = take_group(&mut state.entries, key, max_size);
-                return Some(Taken { batch, abandoned: Vec::new(), expired: Vec::new() });
+                // The largest batch whose pass fits the memory left, down to the oldest request
+                // alone (admission keeps room for that whenever no other pass runs).
+                let fitting = (1..=waiting.min(max_size)).rev().find_map(|size| Some((size, reserve(&key, size)?)));
+                let Some((size, reservation)) = fitting else {
+                    // Another device's pass holds the memory: look again shortly.
+                    state = self.changed.wait_timeout(state, BUDGET_RETRY).unwrap_or_else(|p| p.into_inner()).0;
+                    continue;
+                };
+                let batch = take_group(&mut state.entries, key, size);
+                return Some(Taken { batch, reservation: Some(reservation), abandoned: Vec::new(), expired: Vec::new() });
             }
             // Wake at the due time, or earlier if the queue changes (a push may fill the batch).
             state = self.changed.wait_timeout(state, due - now).unwrap_or_else(|p| p.into_inner()).0;
@@ -163,16 +191,29 @@ fn take_group(entries: &mut VecDeque<Entry>, key: BatchKey, max: usize) -> Vec<E
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::engine::budget::MemoryBudget;
+
+    fn unlimited() -> Arc<MemoryBudget> {
+        MemoryBudget::new(u64::MAX, Box::new(|_| {}))
+    }
 
     fn entry(width: u32, direction: Direction) -> (Entry, oneshot::Receiver<Reply>) {
         let (reply, rx) = oneshot::channel();
         let image = DecodedImage::from_rgb(image::RgbImage::new(width, 8));
         let key = BatchKey { model: 0, direction, width, height: 8 };
         let now = Instant::now();
-        let entry =
-            Entry { key, image, enqueued: now, deadline: now + Duration::from_secs(60), reply, slot: None };
+        let admission = unlimited().try_admit(0, 0).unwrap();
+        let deadline = now + Duration::from_secs(60);
+        let entry = Entry { key, image, enqueued: now, deadline, reply, slot: None, admission };
         (entry, rx)
+    }
+
+    /// Reserves every pass from an unlimited budget.
+    fn any_size(_: &BatchKey, _: usize) -> Option<Reservation> {
+        unlimited().try_reserve(0)
     }
 
     #[test]
@@ -191,7 +232,7 @@ mod tests {
             queue.push(e).map_err(|_| "closed").unwrap();
             receivers.push(rx);
         }
-        let take = |q: &Queue| q.next_batch(3, Duration::ZERO).unwrap().batch;
+        let take = |q: &Queue| q.next_batch(3, Duration::ZERO, any_size).unwrap().batch;
         let widths = |b: &[Entry]| b.iter().map(|e| (e.key.width, e.key.direction)).collect::<Vec<_>>();
         assert_eq!(widths(&take(&queue)), vec![(8, Direction::XtoY); 3], "oldest group, capped at 3");
         assert_eq!(widths(&take(&queue)), vec![(12, Direction::XtoY)], "then the next oldest: no starvation");
@@ -206,9 +247,9 @@ mod tests {
         let (e, _rx) = entry(8, Direction::XtoY);
         queue.push(e).map_err(|_| "closed").unwrap();
         let started = Instant::now();
-        let taken = queue.next_batch(4, Duration::from_millis(80)).unwrap();
+        let taken = queue.next_batch(4, Duration::from_millis(80), any_size).unwrap();
         assert_eq!(taken.batch.len(), 1);
-        assert!(started.elapsed() >= Duration::from_millis(60), "closed by the delay");
+        assert!(started.elapsed() >= Duration::from_millis(80), "closed by the delay");
 
         let mut keep = Vec::new();
         for _ in 0..4 {
@@ -216,9 +257,8 @@ mod tests {
             queue.push(e).map_err(|_| "closed").unwrap();
             keep.push(rx);
         }
-        let started = Instant::now();
-        assert_eq!(queue.next_batch(4, Duration::from_secs(10)).unwrap().batch.len(), 4);
-        assert!(started.elapsed() < Duration::from_secs(1), "closed at once when full");
+        // With an hour's delay, only a full batch can come back.
+        assert_eq!(queue.next_batch(4, Duration::from_secs(3600), any_size).unwrap().batch.len(), 4);
     }
 
     #[test]
@@ -229,16 +269,36 @@ mod tests {
         queue.push(gone).map_err(|_| "closed").unwrap();
         let (live, _rx) = entry(8, Direction::XtoY);
         queue.push(live).map_err(|_| "closed").unwrap();
-        let taken = queue.next_batch(4, Duration::from_secs(10)).unwrap();
+        let taken = queue.next_batch(4, Duration::from_secs(3600), any_size).unwrap();
         assert_eq!((taken.batch.len(), taken.abandoned.len()), (0, 1));
         queue.close();
         assert_eq!(
-            queue.next_batch(4, Duration::from_secs(10)).unwrap().batch.len(),
+            queue.next_batch(4, Duration::from_secs(3600), any_size).unwrap().batch.len(),
             1,
             "no delay once closed"
         );
-        assert!(queue.next_batch(4, Duration::from_secs(10)).is_none());
+        assert!(queue.next_batch(4, Duration::from_secs(3600), any_size).is_none());
         let (late, _rx) = entry(8, Direction::XtoY);
         assert!(queue.push(late).is_err());
+    }
+
+    #[test]
+    fn a_batch_shrinks_to_what_the_memory_budget_allows() {
+        let queue = Queue::default();
+        let mut keep = Vec::new();
+        for _ in 0..5 {
+            let (e, rx) = entry(8, Direction::XtoY);
+            queue.push(e).map_err(|_| "closed").unwrap();
+            keep.push(rx);
+        }
+        // Passes cost 10 bytes an image; 35 bytes are free.
+        let budget = MemoryBudget::new(35, Box::new(|_| {}));
+        let reserve = |_: &BatchKey, size: usize| budget.try_reserve(10 * size as u64);
+        let taken = queue.next_batch(8, Duration::ZERO, reserve).unwrap();
+        assert_eq!(taken.batch.len(), 3, "three passes fit in 35 bytes");
+        assert_eq!(budget.reserved(), 30);
+        drop(taken);
+        assert_eq!(budget.reserved(), 0, "the pass is released with the batch");
+        assert_eq!(queue.len(), 2, "the rest stays queued");
     }
 }

@@ -1,6 +1,6 @@
 //! One worker thread per device: it owns that device's copy of the networks, takes batches from
-//! the shared queue, runs them, and replies. A failing or panicking batch fails only its own
-//! requests; the worker goes on with the next.
+//! the shared queue, runs them ([`run_batch`], the whole numeric path), and replies. A failing or
+//! panicking batch fails only its own requests; the worker goes on with the next.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,14 +9,43 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use image::DynamicImage;
 
-use super::codec::DecodedImage;
+use super::budget::MemoryBudget;
+use super::codec::{self, DecodedImage};
+use super::footprint::MemoryModel;
 use super::observer::{Observer, Outcome};
 use super::queue::{Computed, Queue};
 use super::EngineError;
-use crate::model::{Direction, Model, ModelFile};
+use crate::model::{Direction, Model, ModelError, ModelFile};
+
+/// Runs one direction of `model` on images that share a padded size and returns each result at
+/// its own input size. This is the whole numeric path; batching only decides what to group.
+pub fn run_batch(
+    model: &Model,
+    direction: Direction,
+    images: &[&DecodedImage],
+    device: &Device,
+) -> Result<Vec<DynamicImage>, ModelError> {
+    let Some(first) = images.first() else { return Ok(Vec::new()) };
+    let (width, height) = first.padded_size();
+    if let Some(other) = images.iter().find(|i| i.padded_size() != (width, height)) {
+        return Err(candle_core::Error::Msg(format!(
+            "a batch must share one padded size: {:?} and {:?}",
+            (width, height),
+            other.padded_size()
+        ))
+        .into());
+    }
+    let data = codec::to_network_input(images, width, height);
+    let shape = (images.len(), 3, height as usize, width as usize);
+    let input = Tensor::from_vec(data, shape, device)?;
+    let output = model.forward(direction, &input)?.to_device(&Device::Cpu)?;
+    drop(input);
+    let output = output.flatten_from(1)?.to_vec2::<f32>()?;
+    Ok(output.iter().zip(images).map(|(chw, image)| codec::from_network_output(chw, width, image)).collect())
+}
 
 /// Runs batches of same-sized images; lives on, and only on, its worker thread.
 pub trait BatchRunner {
@@ -63,7 +92,7 @@ impl BatchRunner for ModelRunner {
         direction: Direction,
         images: &[&DecodedImage],
     ) -> Result<Vec<DynamicImage>, String> {
-        super::run_batch(&self.models[model], direction, images, &self.device).map_err(|e| e.to_string())
+        run_batch(&self.models[model], direction, images, &self.device).map_err(|e| e.to_string())
     }
 }
 
@@ -75,6 +104,9 @@ pub struct WorkerContext {
     pub capacity: usize,
     pub observer: Arc<dyn Observer>,
     pub model_names: Vec<String>,
+    /// How each model's passes are costed, and the budget they are reserved in.
+    pub memory: Vec<MemoryModel>,
+    pub budget: Arc<MemoryBudget>,
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
     /// Workers whose runner is loaded and warmed up.
@@ -98,7 +130,11 @@ impl WorkerContext {
 pub fn work(context: Arc<WorkerContext>, factory: RunnerFactory) -> Result<(), String> {
     let mut runner = factory()?;
     context.ready.fetch_add(1, Ordering::SeqCst);
-    while let Some(taken) = context.queue.next_batch(context.max_batch_size, context.max_batch_delay) {
+    let reserve = |key: &super::queue::BatchKey, size: usize| {
+        let bytes = context.memory[key.model].network_bytes(size, key.width, key.height);
+        context.budget.try_reserve(bytes)
+    };
+    while let Some(taken) = context.queue.next_batch(context.max_batch_size, context.max_batch_delay, reserve) {
         for _ in &taken.abandoned {
             context.observer.outcome(Outcome::Dropped);
         }
@@ -111,13 +147,17 @@ pub fn work(context: Arc<WorkerContext>, factory: RunnerFactory) -> Result<(), S
         let mut batch = taken.batch;
         for entry in &mut batch {
             entry.slot.take();
+            entry.admission.settle_claim();
         }
+        // Held until the network's buffers are freed: the outputs then live in the replies.
+        let pass = taken.reservation;
         context.report_queue_depth();
         let started = Instant::now();
         let images: Vec<&DecodedImage> = batch.iter().map(|e| &e.image).collect();
         let result = catch_unwind(AssertUnwindSafe(|| runner.run(key.model, key.direction, &images)))
             .unwrap_or_else(|panic| Err(format!("inference panicked: {}", panic_message(&panic))));
         let inference = started.elapsed();
+        drop(pass);
         context.observer.batch(&context.model_names[key.model], key.direction, batch.len(), inference);
         let size = batch.len();
         match result {
@@ -125,7 +165,9 @@ pub fn work(context: Arc<WorkerContext>, factory: RunnerFactory) -> Result<(), S
                 for (entry, image) in batch.into_iter().zip(outputs) {
                     let queue_wait = started.duration_since(entry.enqueued);
                     context.observer.queue_wait(queue_wait);
-                    let _ = entry.reply.send(Ok(Computed { image, queue_wait, inference, batch_size: size }));
+                    let admission = entry.admission;
+                    let computed = Computed { image, admission, queue_wait, inference, batch_size: size };
+                    let _ = entry.reply.send(Ok(computed));
                 }
             }
             other => {

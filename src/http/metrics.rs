@@ -41,9 +41,16 @@ pub fn install(version: &str, device: &str) -> anyhow::Result<PrometheusHandle> 
     describe_counter!("cycleserve_images_processed_total", "Images run through a network");
     describe_counter!("cycleserve_engine_outcomes_total", "Translation requests by how they ended");
     describe_gauge!("cycleserve_build_info", "Build and runtime facts, as labels; always 1");
+    describe_gauge!("cycleserve_memory_budget_bytes", Unit::Bytes, "Memory that requests in flight may reserve");
+    describe_gauge!(
+        "cycleserve_memory_reserved_bytes",
+        Unit::Bytes,
+        "Memory reserved now by requests (bodies, images, network passes)"
+    );
     gauge!("cycleserve_build_info", "version" => version.to_string(), "device" => device.to_string())
         .set(1.0);
     gauge!("cycleserve_queue_depth").set(0.0);
+    gauge!("cycleserve_memory_reserved_bytes").set(0.0);
     Ok(handle)
 }
 
@@ -115,5 +122,13 @@ impl Observer for PrometheusObserver {
 
     fn outcome(&self, outcome: Outcome) {
         counter!("cycleserve_engine_outcomes_total", "outcome" => outcome.as_str()).increment(1);
+    }
+
+    fn memory_budget(&self, bytes: u64) {
+        gauge!("cycleserve_memory_budget_bytes").set(bytes as f64);
+    }
+
+    fn memory_reserved(&self, bytes: u64) {
+        gauge!("cycleserve_memory_reserved_bytes").set(bytes as f64);
     }
 }

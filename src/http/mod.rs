@@ -2,13 +2,14 @@
 //! [`crate::engine`].
 
 pub mod error;
+pub mod extract;
 pub mod handlers;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
+pub mod views;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,8 +22,6 @@ use crate::engine::Engine;
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub metrics: Option<PrometheusHandle>,
-    /// Set on SIGTERM: readiness fails and new requests are refused.
-    pub shutting_down: Arc<AtomicBool>,
     /// The device the models run on, as reported by `/v1/models`.
     pub device: String,
     pub max_body_bytes: usize,

@@ -1,7 +1,7 @@
 //! The router, its middleware stack, and the serve loop with graceful shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{MatchedPath, Request};
@@ -18,7 +18,8 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use super::error::ApiError;
-use super::handlers::{self, MULTIPART_OVERHEAD};
+use super::extract::MULTIPART_OVERHEAD;
+use super::handlers;
 use super::{metrics, shutdown, AppState, ServerConfig};
 
 /// All routes with their middleware.
@@ -115,29 +116,54 @@ async fn json_errors(request: Request, next: Next) -> Response {
 }
 
 /// Serves until SIGTERM/SIGINT, then drains: readiness fails at once, new requests are refused,
-/// in-flight ones finish, the engine completes its queue, and the process exits within
-/// `config.shutdown_grace`.
+/// in-flight ones finish, and the engine completes its queue. An error when the drain outlasts
+/// `config.shutdown_grace`, or when the models cannot be loaded (so that a supervisor restarts
+/// the process rather than keep it unready).
 pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(address = %local, "listening");
     let app = router(state.clone(), &config);
-    let flag = state.shutting_down.clone();
-    let grace = config.shutdown_grace;
+    let engine = std::sync::Arc::clone(&state.engine);
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let drained = async move {
         shutdown::signal().await;
-        flag.store(true, Ordering::SeqCst);
-        tracing::info!(grace_seconds = grace.as_secs_f64(), "draining");
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            tracing::error!("requests still running after the grace period; exiting");
-            std::process::exit(1);
-        });
+        engine.begin_shutdown();
+        tracing::info!(grace_seconds = config.shutdown_grace.as_secs_f64(), "draining");
+        let _ = signalled.send(());
     };
-    axum::serve(listener, app).with_graceful_shutdown(drained).await?;
-    state.engine.shutdown().await;
-    tracing::info!("stopped");
-    Ok(())
+    let engine = std::sync::Arc::clone(&state.engine);
+    let run = async move {
+        axum::serve(listener, app).with_graceful_shutdown(drained).await?;
+        engine.shutdown().await;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    };
+    let overtime = async move {
+        // The sender only goes away unsent once serving has ended by itself.
+        if on_signal.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    tokio::select! {
+        result = run => result,
+        _ = overtime => anyhow::bail!("requests still running after the {:?} grace period", config.shutdown_grace),
+        failure = loading_failure(&state) => anyhow::bail!("models could not be loaded: {failure}"),
+    }
+}
+
+/// Resolves with the reason once a worker has failed to load its models.
+async fn loading_failure(state: &AppState) -> String {
+    loop {
+        if let Some(failure) = state.engine.failed_worker() {
+            return failure;
+        }
+        if state.engine.is_ready() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The bind address from host and port.

@@ -9,6 +9,7 @@ mod gemm;
 pub mod generator;
 pub mod import;
 pub mod layers;
+pub mod pixels;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

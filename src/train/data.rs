@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::codec::{self, DecodeOptions};
+use crate::model::pixels;
 
 /// Batches each worker prepares ahead of the training loop.
 const PREFETCH_PER_WORKER: usize = 2;
@@ -52,7 +53,7 @@ impl Dataset {
         if crop_size > load_size {
             bail!("crop size {crop_size} is larger than load size {load_size}");
         }
-        if crop_size % codec::SIZE_MULTIPLE != 0 || crop_size < 16 {
+        if crop_size % pixels::SIZE_MULTIPLE != 0 || crop_size < 16 {
             bail!("crop size {crop_size} must be a multiple of 4 and at least 16 (the discriminator downsamples 16×)");
         }
         Ok(Self {
@@ -153,7 +154,7 @@ pub fn read_image(path: &Path) -> anyhow::Result<DynamicImage> {
 /// CHW f32 in [-1, 1], the pixel mapping the server uses.
 pub fn to_chw(image: &RgbImage) -> Vec<f32> {
     let raw = image.as_raw();
-    (0..3).flat_map(|c| raw.iter().skip(c).step_by(3).map(|&v| codec::from_level(v))).collect()
+    (0..3).flat_map(|c| raw.iter().skip(c).step_by(3).map(|&v| pixels::from_level(v))).collect()
 }
 
 fn list_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {

@@ -8,7 +8,7 @@ use image::RgbImage;
 
 use super::data::{read_image, to_chw, Dataset};
 use super::networks::Networks;
-use crate::engine::codec::to_level;
+use crate::model::pixels::to_level;
 
 /// The fixed images a run's sample grids show: the first readable files of each domain.
 pub struct SampleSet {

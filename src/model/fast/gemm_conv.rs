@@ -90,6 +90,17 @@ impl GemmConv {
         self.forward_sized(x, out_h, out_w)
     }
 
+    /// Patch rows gathered per block: about [`BLOCK_ELEMENTS`] floats whatever the image's
+    /// shape, so the scratch does not grow with one side.
+    pub fn pixels_per_block(taps: usize, cin: usize) -> usize {
+        (BLOCK_ELEMENTS / (taps * cin)).max(1)
+    }
+
+    /// Per-thread scratch, in floats, for a convolution of `taps` taps over `cin` channels.
+    pub fn scratch_floats(taps: usize, cin: usize) -> usize {
+        Self::pixels_per_block(taps, cin) * taps * cin
+    }
+
     /// Computes only the first `out_h`×`out_w` outputs (a phase of a transposed convolution
     /// makes as many outputs as its input has pixels).
     pub fn forward_sized(&self, x: &Nhwc, out_h: usize, out_w: usize) -> Nhwc {
@@ -98,29 +109,30 @@ impl GemmConv {
         assert!(out_h <= max_h && out_w <= max_w, "gemm conv: output larger than the input allows");
         let mut y = Nhwc::zeros(x.n, out_h, out_w, self.cout);
         let k = self.taps.len() * self.cin;
-        let rows_per_block = (BLOCK_ELEMENTS / (k * out_w).max(1)).clamp(1, out_h);
+        let pixels_per_block = Self::pixels_per_block(self.taps.len(), self.cin);
         let out_sample = out_h * out_w * self.cout;
+        // Blocks are runs of consecutive output pixels (row-major), so each writes one
+        // contiguous slice of the output and needs the same scratch whatever the aspect ratio.
         y.data
             .par_chunks_mut(out_sample)
             .enumerate()
             .flat_map(|(s, sample)| {
                 sample
-                    .par_chunks_mut(rows_per_block * out_w * self.cout)
+                    .par_chunks_mut(pixels_per_block * self.cout)
                     .enumerate()
-                    .map(move |(b, out)| (s, b, out))
+                    .map(move |(b, out)| (s, b * pixels_per_block, out))
             })
             .for_each_init(
-                || vec![0f32; rows_per_block * out_w * k],
-                |patches, (s, b, out)| {
-                    let first = b * rows_per_block;
-                    let rows = out.len() / (out_w * self.cout);
+                || vec![0f32; pixels_per_block * k],
+                |patches, (s, first, out)| {
+                    let pixels = out.len() / self.cout;
                     let input = &x.data[s * x.sample_len()..][..x.sample_len()];
-                    let patches = &mut patches[..rows * out_w * k];
-                    self.gather(input, x.w, first, rows, out_w, patches);
+                    let patches = &mut patches[..pixels * k];
+                    self.gather(input, x.w, first, pixels, out_w, patches);
                     for pixel in out.chunks_mut(self.cout) {
                         pixel.copy_from_slice(&self.bias);
                     }
-                    let a = Mat::new(patches, rows * out_w, k, k);
+                    let a = Mat::new(patches, pixels, k, k);
                     let w = Mat::new(&self.weight, k, self.cout, self.cout);
                     matmul(out, self.cout, true, a, w, Threads::One);
                 },
@@ -128,27 +140,24 @@ impl GemmConv {
         y
     }
 
-    /// Patch rows for output rows `first..first + rows`: per output pixel, each tap's input
-    /// pixel (all channels) in tap order.
+    /// Patch rows for output pixels `first..first + pixels` (row-major): per output pixel, each
+    /// tap's input pixel (all channels) in tap order.
     fn gather(
         &self,
         input: &[f32],
         in_w: usize,
         first: usize,
-        rows: usize,
+        pixels: usize,
         out_w: usize,
         patches: &mut [f32],
     ) {
         let c = self.cin;
         let k = self.taps.len() * c;
-        for r in 0..rows {
-            let oy = first + r;
-            for ox in 0..out_w {
-                let row = &mut patches[(r * out_w + ox) * k..][..k];
-                for (t, &(dy, dx)) in self.taps.iter().enumerate() {
-                    let (iy, ix) = (self.stride * oy + dy, self.stride * ox + dx);
-                    row[t * c..(t + 1) * c].copy_from_slice(&input[(iy * in_w + ix) * c..][..c]);
-                }
+        for (p, row) in patches.chunks_mut(k).take(pixels).enumerate() {
+            let (oy, ox) = ((first + p) / out_w, (first + p) % out_w);
+            for (t, &(dy, dx)) in self.taps.iter().enumerate() {
+                let (iy, ix) = (self.stride * oy + dy, self.stride * ox + dx);
+                row[t * c..(t + 1) * c].copy_from_slice(&input[(iy * in_w + ix) * c..][..c]);
             }
         }
     }

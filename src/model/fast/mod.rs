@@ -10,6 +10,7 @@
 //! backward pass: training uses the candle networks.
 
 mod gemm_conv;
+pub mod memory;
 mod nhwc;
 mod winograd;
 
@@ -122,7 +123,8 @@ impl FastGenerator {
         })
     }
 
-    /// Maps an NCHW f32 batch in [-1, 1] on the CPU to the other domain.
+    /// Maps an NCHW f32 batch in [-1, 1] on the CPU to the other domain. The buffers it
+    /// allocates, in order, are what [`memory::forward_peak_bytes`] accounts for.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if c != 3 {
@@ -130,24 +132,29 @@ impl FastGenerator {
         }
         let input = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let image = Nhwc::from_nchw(&input, n, c, h, w);
-        let out = self.run(&image);
+        drop(input);
+        let out = self.run(image);
         Tensor::from_vec(out.to_nchw(), (n, 3, out.h, out.w), x.device())
     }
 
-    fn run(&self, image: &Nhwc) -> Nhwc {
+    fn run(&self, image: Nhwc) -> Nhwc {
         let norm_relu = |mut x: Nhwc, params: &NormParams| {
             instance_norm(&mut x, affine(params), After::Relu);
             x
         };
-        let mut h = norm_relu(self.stem.0.forward(&pad(image, 3, 3, Border::Reflect)), &self.stem.1);
+        let padded = pad(&image, 3, 3, Border::Reflect);
+        drop(image);
+        let mut h = norm_relu(self.stem.0.forward(&padded), &self.stem.1);
+        drop(padded);
         for (conv, params) in &self.down {
             h = norm_relu(conv.forward(&pad(&h, 1, 1, Border::Zero)), params);
         }
         for [(conv1, norm1), (conv2, norm2)] in &self.blocks {
             let t = norm_relu(conv1.forward(&pad(&h, 1, 1, Border::Reflect)), norm1);
-            let mut t = conv2.forward(&pad(&t, 1, 1, Border::Reflect));
-            instance_norm(&mut t, affine(norm2), After::Residual(&h));
-            h = t;
+            let mut out = conv2.forward(&pad(&t, 1, 1, Border::Reflect));
+            drop(t);
+            instance_norm(&mut out, affine(norm2), After::Residual(&h));
+            h = out;
         }
         for (upsampling, params) in &self.up {
             let up = match upsampling {

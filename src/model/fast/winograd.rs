@@ -58,50 +58,64 @@ impl WinogradConv {
         Self { cin, cout, u, bias: bias.to_vec() }
     }
 
+    /// How a layer's tiles are blocked: `rows` tile rows per parallel band (several when the
+    /// image is narrow), each band processed `cols` tiles at a time, so the scratch stays near
+    /// [`TILES_PER_BLOCK`] tiles whatever the aspect ratio.
+    fn blocking(tiles_y: usize, tiles_x: usize) -> (usize, usize) {
+        let cols = tiles_x.min(TILES_PER_BLOCK);
+        let rows = TILES_PER_BLOCK.div_ceil(tiles_x).clamp(1, tiles_y.max(1));
+        (rows, cols)
+    }
+
+    /// Per-thread scratch, in floats, for an output `out_h`×`out_w`.
+    pub fn scratch_floats(cin: usize, cout: usize, out_h: usize, out_w: usize) -> usize {
+        let (rows, cols) = Self::blocking(out_h.div_ceil(TILE), out_w.div_ceil(TILE));
+        Scratch::floats(rows * cols, cin, cout)
+    }
+
     /// Convolves an input already padded by one pixel: (H+2)×(W+2) in, H×W out.
     pub fn forward(&self, x: &Nhwc) -> Nhwc {
         assert_eq!(x.c, self.cin, "winograd: channel count");
         let (out_h, out_w) = (x.h - 2, x.w - 2);
         let (tiles_y, tiles_x) = (out_h.div_ceil(TILE), out_w.div_ceil(TILE));
-        let rows_per_block = TILES_PER_BLOCK.div_ceil(tiles_x).clamp(1, tiles_y);
+        let (rows_per_band, cols_per_block) = Self::blocking(tiles_y, tiles_x);
         let mut y = Nhwc::zeros(x.n, out_h, out_w, self.cout);
         let out_sample = out_h * out_w * self.cout;
-        // Each block owns whole output rows: TILE rows per tile row, so blocks write disjoint data.
-        let block_len = rows_per_block * TILE * out_w * self.cout;
+        // Each band owns whole output rows: TILE rows per tile row, so bands write disjoint data.
+        let band_len = rows_per_band * TILE * out_w * self.cout;
         y.data
             .par_chunks_mut(out_sample)
             .enumerate()
             .flat_map(|(s, sample)| {
-                sample.par_chunks_mut(block_len).enumerate().map(move |(b, out)| (s, b, out))
+                sample.par_chunks_mut(band_len).enumerate().map(move |(b, out)| (s, b, out))
             })
             .for_each_init(
-                || Scratch::new(rows_per_block * tiles_x, self.cin, self.cout),
+                || Scratch::new(rows_per_band * cols_per_block, self.cin, self.cout),
                 |scratch, (s, b, out)| {
-                    let first_row = b * rows_per_block;
-                    let rows = rows_per_block.min(tiles_y - first_row);
-                    self.block(x, s, first_row, rows, tiles_x, scratch, out);
+                    let first_row = b * rows_per_band;
+                    let rows = rows_per_band.min(tiles_y - first_row);
+                    for first_col in (0..tiles_x).step_by(cols_per_block) {
+                        let tiles = TileBlock {
+                            first_row,
+                            rows,
+                            first_col,
+                            cols: cols_per_block.min(tiles_x - first_col),
+                        };
+                        self.block(x, s, tiles, scratch, out);
+                    }
                 },
             );
         y
     }
 
-    /// Input transform, 36 GEMMs and output transform for tile rows `first_row..+rows`.
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        x: &Nhwc,
-        sample: usize,
-        first_row: usize,
-        rows: usize,
-        tiles_x: usize,
-        scratch: &mut Scratch,
-        out: &mut [f32],
-    ) {
+    /// Input transform, 36 GEMMs and output transform for one block of tiles; `out` is the
+    /// band of output rows the block lies in.
+    fn block(&self, x: &Nhwc, sample: usize, block: TileBlock, scratch: &mut Scratch, out: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
-        let tiles = rows * tiles_x;
+        let tiles = block.rows * block.cols;
         let input = &x.data[sample * x.sample_len()..][..x.sample_len()];
         for t in 0..tiles {
-            let (ty, tx) = (first_row + t / tiles_x, t % tiles_x);
+            let (ty, tx) = (block.first_row + t / block.cols, block.first_col + t % block.cols);
             let origin = (TILE * ty, TILE * tx);
             input_transform(
                 input,
@@ -122,7 +136,8 @@ impl WinogradConv {
         let out_w = x.w - 2;
         let out_rows = out.len() / (out_w * cout);
         for t in 0..tiles {
-            let (ty, tx) = (t / tiles_x, t % tiles_x);
+            // Rows relative to the band, columns absolute.
+            let (ty, tx) = (t / block.cols, block.first_col + t % block.cols);
             let place = |r: usize, c: usize| {
                 let (oy, ox) = (TILE * ty + r, TILE * tx + c);
                 (oy < out_rows && ox < out_w).then_some((oy * out_w + ox) * cout)
@@ -142,6 +157,15 @@ impl WinogradConv {
     }
 }
 
+/// A rectangle of tiles: tile rows `first_row..+rows`, tile columns `first_col..+cols`.
+#[derive(Clone, Copy)]
+struct TileBlock {
+    first_row: usize,
+    rows: usize,
+    first_col: usize,
+    cols: usize,
+}
+
 /// Per-thread buffers: transformed inputs V[point][tile][cin], products M[point][tile][cout],
 /// one tile's intermediate vectors, and a zero pixel for reads past the border.
 struct Scratch {
@@ -153,6 +177,11 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// The floats [`Scratch::new`] allocates.
+    fn floats(tiles: usize, cin: usize, cout: usize) -> usize {
+        POINTS * tiles * (cin + cout) + POINTS * cin.max(cout) + 4 * cout + cin
+    }
+
     fn new(tiles: usize, cin: usize, cout: usize) -> Self {
         Self {
             v: vec![0.0; POINTS * tiles * cin],
