@@ -8,7 +8,7 @@
 pub mod cli;
 pub mod device;
 pub mod engine;
-pub mod memory;
 pub mod http;
+pub mod memory;
 pub mod model;
 pub mod train;

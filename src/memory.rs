@@ -9,7 +9,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| format!("`{text}` is not a size such as 1.5GiB or 800MB"))?;
+    let number: f64 =
+        number.parse().map_err(|_| format!("`{text}` is not a size such as 1.5GiB or 800MB"))?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().trim_end_matches('b') {
         "" => 1.0,
         "k" => 1e3,
@@ -38,6 +39,19 @@ pub fn default_budget() -> anyhow::Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
     let total = physical_memory(&meminfo).context("no MemTotal in /proc/meminfo; set --memory-budget")?;
     Ok(total / 2)
+}
+
+/// Makes large buffers go straight to the kernel and back, so that the memory a request frees
+/// is given back at once rather than kept by the allocator. The budget counts live buffers; with
+/// glibc's default (a threshold that rises to 32 MiB as buffers are freed) freed activations
+/// stay resident, fragment, and make the process's real peak exceed what is live.
+pub fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; any value is valid for both.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
 }
 
 fn cgroup_limit() -> Option<u64> {

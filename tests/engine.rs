@@ -195,7 +195,10 @@ async fn until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
-fn spawn_x2y(engine: &Arc<Engine>, name: &'static str) -> tokio::task::JoinHandle<Result<Translation, EngineError>> {
+fn spawn_x2y(
+    engine: &Arc<Engine>,
+    name: &'static str,
+) -> tokio::task::JoinHandle<Result<Translation, EngineError>> {
     let engine = Arc::clone(engine);
     tokio::spawn(async move { submit(&engine, x2y(), bytes_of(name)).await })
 }

@@ -61,6 +61,7 @@ pub struct LogArgs {
 /// Entry point of the `cycleserve` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    crate::memory::return_large_buffers_to_the_os();
     let result = match cli.command {
         None => {
             init_logging(&cli.logging);

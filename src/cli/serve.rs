@@ -10,8 +10,8 @@ use crate::device::{device_name, DeviceSpec};
 use crate::engine::catalog::load_models_dir;
 use crate::engine::codec::DecodeOptions;
 use crate::engine::{Engine, EngineConfig, Oversize};
-use crate::memory::{self, parse_bytes};
 use crate::http::{self, metrics, server, AppState, ServerConfig};
+use crate::memory::{self, parse_bytes};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -212,7 +212,7 @@ mod tests {
         let pass = b.try_reserve(60).expect("the oldest request's pass fits");
         a.settle_claim();
         assert!(b.try_reserve(1).is_none(), "40 held + 60 running");
-        assert!(b.try_admit(0, 1).is_none(), "a running pass counts like a claim");
+        assert!(b.try_admit(1, 0).is_none(), "the running pass counts like a claim");
         drop(pass);
         assert_eq!(b.reserved(), 40);
     }

@@ -13,7 +13,6 @@ use serde::Serialize;
 use crate::model::layers::reflect_indices;
 use crate::model::pixels::{from_level, padded_side, to_level};
 
-
 /// Bounds on what a caller may send, and how large an image the network is given.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeOptions {
@@ -127,7 +126,10 @@ pub fn fit_within(width: u32, height: u32, side: u32) -> (u32, u32) {
     (scaled(width), scaled(height))
 }
 
-fn reader(bytes: &[u8], limits: image::Limits) -> Result<(ImageReader<Cursor<&[u8]>>, ImageFormat), ImageError> {
+fn reader(
+    bytes: &[u8],
+    limits: image::Limits,
+) -> Result<(ImageReader<Cursor<&[u8]>>, ImageFormat), ImageError> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;

@@ -39,7 +39,9 @@ impl MemoryModel {
         let (w, h) = (padded_width as usize, padded_height as usize);
         let tensor = (batch * 3 * w * h * 4) as u64;
         let pass = match self.executor {
-            Executor::FastCpu => fast::memory::forward_peak_bytes(&self.architecture, batch, h, w, self.threads),
+            Executor::FastCpu => {
+                fast::memory::forward_peak_bytes(&self.architecture, batch, h, w, self.threads)
+            }
             // The network runs in device memory; the host keeps the input and output tensors.
             Executor::Candle => 2 * tensor,
         };
@@ -58,9 +60,11 @@ impl MemoryModel {
         let result = 2 * w as u64 * h as u64 * 4 + 64 * 1024;
         let decoded = codec::decoded_bytes(w, h, header.has_alpha);
         // Orientation is applied after the header is read: cost both ways round.
-        let network = self
-            .network_bytes(1, padded_side(w), padded_side(h))
-            .max(self.network_bytes(1, padded_side(h), padded_side(w)));
+        let network = self.network_bytes(1, padded_side(w), padded_side(h)).max(self.network_bytes(
+            1,
+            padded_side(h),
+            padded_side(w),
+        ));
         Footprint {
             decoding: body + codec::decode_peak_bytes(header, fit_side) + result,
             waiting: decoded + result,
@@ -122,7 +126,12 @@ mod tests {
 
     fn shipped() -> MemoryModel {
         MemoryModel {
-            architecture: GeneratorConfig { family: Family::Upsample, ngf: 32, n_blocks: 6, norm_affine: false },
+            architecture: GeneratorConfig {
+                family: Family::Upsample,
+                ngf: 32,
+                n_blocks: 6,
+                norm_affine: false,
+            },
             executor: Executor::FastCpu,
             threads: 2,
         }

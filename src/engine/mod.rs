@@ -106,7 +106,9 @@ impl EngineError {
             Self::TimedOut => Outcome::TimedOut,
             Self::ShuttingDown => Outcome::ShuttingDown,
             Self::TooLarge { .. } => Outcome::TooLarge,
-            Self::Image(ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. }) => Outcome::TooLarge,
+            Self::Image(ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. }) => {
+                Outcome::TooLarge
+            }
             Self::Image(ImageError::TooMuchMemory(_)) => Outcome::TooLarge,
             Self::Image(ImageError::Encode(_)) | Self::Internal(_) => Outcome::Internal,
             Self::Image(_) => Outcome::BadImage,
@@ -209,7 +211,8 @@ impl Engine {
             .map(|m| MemoryModel { architecture: m.metadata.architecture, executor, threads })
             .collect();
         let reporter = Arc::clone(&observer);
-        let budget = MemoryBudget::new(config.memory_budget, Box::new(move |bytes| reporter.memory_reserved(bytes)));
+        let budget =
+            MemoryBudget::new(config.memory_budget, Box::new(move |bytes| reporter.memory_reserved(bytes)));
         observer.memory_budget(config.memory_budget);
         let context = Arc::new(WorkerContext {
             queue: Arc::new(Queue::default()),
@@ -268,7 +271,8 @@ impl Engine {
 
     /// The largest square image model `index` accepts within the budget.
     pub fn largest_square(&self, index: usize) -> u32 {
-        self.context.memory[index].largest_square(self.config.memory_budget, self.config.decode.max_bytes as u64)
+        self.context.memory[index]
+            .largest_square(self.config.memory_budget, self.config.decode.max_bytes as u64)
     }
 
     /// Every worker has loaded its models and run its warm-up inference, and shutdown has not
@@ -316,7 +320,8 @@ impl Engine {
         if self.is_shutting_down() {
             return Err(EngineError::ShuttingDown);
         }
-        let slot = Arc::clone(&self.context.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
+        let slot =
+            Arc::clone(&self.context.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
         let body = self.context.budget.try_admit(max_body, 0).ok_or(EngineError::Overloaded)?;
         Ok(Ticket { slot, body })
     }
@@ -351,7 +356,10 @@ impl Engine {
     ) -> Result<Translation, EngineError> {
         let started = Instant::now();
         let options = self.config.decode;
-        let (header, bytes) = blocking(move || codec::probe(&bytes, &options).map(|h| (h, bytes))).await??;
+        // The ticket travels with the blocking work: a deadline or a departed caller cannot
+        // free its slot and bytes while a probe or decode still uses them.
+        let (header, bytes, ticket) =
+            blocking(move || codec::probe(&bytes, &options).map(|h| (h, bytes, ticket))).await??;
         let (fit_side, footprint) = self.plan(target, &header, bytes.len() as u64)?;
         // The body is already reserved by the ticket.
         let admission = self.context.budget.admit(footprint.decoding, footprint.network).await;
@@ -373,7 +381,8 @@ impl Engine {
         let (reply, receiver) = oneshot::channel();
         let downscaled_from = image.downscaled_from;
         let enqueued = Instant::now();
-        let entry = Entry { key, image, enqueued, deadline: deadline.into_std(), reply, slot: Some(slot), admission };
+        let entry =
+            Entry { key, image, enqueued, deadline: deadline.into_std(), reply, slot: Some(slot), admission };
         self.context.queue.push(entry).map_err(|_| EngineError::ShuttingDown)?;
         let computed =
             receiver.await.map_err(|_| EngineError::Internal("the inference worker stopped".into()))??;
@@ -402,7 +411,12 @@ impl Engine {
 
     /// The side to fit the image within and its footprint; refuses an image that can never fit
     /// the budget (or, with [`Oversize::Downscale`], shrinks it until it does).
-    fn plan(&self, target: Target, header: &ImageHeader, body: u64) -> Result<(Option<u32>, Footprint), EngineError> {
+    fn plan(
+        &self,
+        target: Target,
+        header: &ImageHeader,
+        body: u64,
+    ) -> Result<(Option<u32>, Footprint), EngineError> {
         let memory = &self.context.memory[target.model];
         let budget = self.config.memory_budget;
         let max_side = self.config.decode.max_side;

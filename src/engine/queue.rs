@@ -141,14 +141,21 @@ impl Queue {
             if waiting >= max_size || now >= due || state.closed {
                 // The largest batch whose pass fits the memory left, down to the oldest request
                 // alone (admission keeps room for that whenever no other pass runs).
-                let fitting = (1..=waiting.min(max_size)).rev().find_map(|size| Some((size, reserve(&key, size)?)));
+                let fitting =
+                    (1..=waiting.min(max_size)).rev().find_map(|size| Some((size, reserve(&key, size)?)));
                 let Some((size, reservation)) = fitting else {
                     // Another device's pass holds the memory: look again shortly.
-                    state = self.changed.wait_timeout(state, BUDGET_RETRY).unwrap_or_else(|p| p.into_inner()).0;
+                    state =
+                        self.changed.wait_timeout(state, BUDGET_RETRY).unwrap_or_else(|p| p.into_inner()).0;
                     continue;
                 };
                 let batch = take_group(&mut state.entries, key, size);
-                return Some(Taken { batch, reservation: Some(reservation), abandoned: Vec::new(), expired: Vec::new() });
+                return Some(Taken {
+                    batch,
+                    reservation: Some(reservation),
+                    abandoned: Vec::new(),
+                    expired: Vec::new(),
+                });
             }
             // Wake at the due time, or earlier if the queue changes (a push may fill the batch).
             state = self.changed.wait_timeout(state, due - now).unwrap_or_else(|p| p.into_inner()).0;

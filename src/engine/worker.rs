@@ -134,7 +134,8 @@ pub fn work(context: Arc<WorkerContext>, factory: RunnerFactory) -> Result<(), S
         let bytes = context.memory[key.model].network_bytes(size, key.width, key.height);
         context.budget.try_reserve(bytes)
     };
-    while let Some(taken) = context.queue.next_batch(context.max_batch_size, context.max_batch_delay, reserve) {
+    while let Some(taken) = context.queue.next_batch(context.max_batch_size, context.max_batch_delay, reserve)
+    {
         for _ in &taken.abandoned {
             context.observer.outcome(Outcome::Dropped);
         }

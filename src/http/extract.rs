@@ -66,7 +66,10 @@ impl ImageBody {
             .unwrap_or_default();
         let essence = content_type.split(';').next().unwrap_or_default().trim().to_string();
         let multipart = essence == "multipart/form-data";
-        if !(multipart || essence.is_empty() || essence.starts_with("image/") || essence == "application/octet-stream")
+        if !(multipart
+            || essence.is_empty()
+            || essence.starts_with("image/")
+            || essence == "application/octet-stream")
         {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -90,7 +93,8 @@ impl ImageBody {
         let body = read_body(request.into_body(), limit, max_bytes).await?;
         ticket.body_read(body.len());
         let bytes = if multipart {
-            let request = Request::builder().header(header::CONTENT_TYPE, content_type).body(Body::from(body));
+            let request =
+                Request::builder().header(header::CONTENT_TYPE, content_type).body(Body::from(body));
             let request = request.map_err(|e| ApiError::bad_request("bad_multipart", e.to_string()))?;
             image_field(request, max_bytes).await?
         } else {
@@ -117,7 +121,8 @@ fn too_large(max_bytes: usize) -> ApiError {
 
 /// The `image` field of a multipart form already read into memory.
 async fn image_field(request: Request, max_bytes: usize) -> Result<Bytes, ApiError> {
-    let bad = |e: axum::extract::multipart::MultipartError| ApiError::bad_request("bad_multipart", e.body_text());
+    let bad =
+        |e: axum::extract::multipart::MultipartError| ApiError::bad_request("bad_multipart", e.body_text());
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| ApiError::bad_request("bad_multipart", e.body_text()))?;

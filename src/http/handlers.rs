@@ -117,16 +117,18 @@ pub async fn model(
     Path(name): Path<String>,
 ) -> Result<Json<ModelView>, ApiError> {
     let models = state.engine.models();
-    models.iter().position(|m| m.name == name).map(|i| Json(ModelView::new(&state.engine, i, &state.device))).ok_or_else(
-        || {
+    models
+        .iter()
+        .position(|m| m.name == name)
+        .map(|i| Json(ModelView::new(&state.engine, i, &state.device)))
+        .ok_or_else(|| {
             let available: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_model",
                 format!("no model named `{name}`; loaded: {}", available.join(", ")),
             )
-        },
-    )
+        })
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -41,7 +41,11 @@ pub fn install(version: &str, device: &str) -> anyhow::Result<PrometheusHandle> 
     describe_counter!("cycleserve_images_processed_total", "Images run through a network");
     describe_counter!("cycleserve_engine_outcomes_total", "Translation requests by how they ended");
     describe_gauge!("cycleserve_build_info", "Build and runtime facts, as labels; always 1");
-    describe_gauge!("cycleserve_memory_budget_bytes", Unit::Bytes, "Memory that requests in flight may reserve");
+    describe_gauge!(
+        "cycleserve_memory_budget_bytes",
+        Unit::Bytes,
+        "Memory that requests in flight may reserve"
+    );
     describe_gauge!(
         "cycleserve_memory_reserved_bytes",
         Unit::Bytes,

@@ -47,8 +47,9 @@ pub fn forward_peak_bytes(config: &GeneratorConfig, n: usize, h: usize, w: usize
     let ngf = config.ngf;
     let mut ledger = Ledger::default();
     let gemm_scratch = |taps: usize, cin: usize| threads * GemmConv::scratch_floats(taps, cin);
-    let winograd_scratch =
-        |cin: usize, cout: usize, oh: usize, ow: usize| threads * WinogradConv::scratch_floats(cin, cout, oh, ow);
+    let winograd_scratch = |cin: usize, cout: usize, oh: usize, ow: usize| {
+        threads * WinogradConv::scratch_floats(cin, cout, oh, ow)
+    };
 
     // `forward`: the caller's tensor, a flat copy of it, and the channels-last image.
     let input = act(n, h, w, 3);
