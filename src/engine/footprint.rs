@@ -8,7 +8,7 @@ use crate::model::{fast, Executor, GeneratorConfig};
 /// The bytes one request holds while it is decoded, while it waits, and for its network pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footprint {
-    /// Body, decoder buffers and room for the encoded result.
+    /// Decoder buffers and room for the encoded result (the body is reserved on its own).
     pub decoding: u64,
     /// Decoded image and room for the encoded result, until the response is written.
     pub waiting: u64,
@@ -53,8 +53,8 @@ impl MemoryModel {
         self.network_bytes(1, 1024, 1024) * 1_000_000 / (1024 * 1024)
     }
 
-    /// The footprint of an image with `header`, fitted within `fit_side`, sent as `body` bytes.
-    pub fn footprint(&self, header: &ImageHeader, fit_side: Option<u32>, body: u64) -> Footprint {
+    /// The footprint of an image with `header`, fitted within `fit_side`.
+    pub fn footprint(&self, header: &ImageHeader, fit_side: Option<u32>) -> Footprint {
         let (w, h) = header.fitted(fit_side);
         // The result: an RGBA image and its encoding (PNG can be a little larger than raw).
         let result = 2 * w as u64 * h as u64 * 4 + 64 * 1024;
@@ -66,7 +66,7 @@ impl MemoryModel {
             padded_side(w),
         ));
         Footprint {
-            decoding: body + codec::decode_peak_bytes(header, fit_side) + result,
+            decoding: codec::decode_peak_bytes(header, fit_side) + result,
             waiting: decoded + result,
             network,
         }
@@ -74,8 +74,8 @@ impl MemoryModel {
 
     /// The longest side at or under `longest` whose fitted image, decoded from `header`, needs
     /// at most `budget` bytes alone; `None` when even decoding the original does not fit.
-    pub fn fit_side(&self, header: &ImageHeader, longest: u32, body: u64, budget: u64) -> Option<u32> {
-        let fits = |side: u32| self.footprint(header, Some(side), body).alone() <= budget;
+    pub fn fit_side(&self, header: &ImageHeader, longest: u32, budget: u64) -> Option<u32> {
+        let fits = |side: u32| self.footprint(header, Some(side)).alone() <= budget;
         if fits(longest) {
             return Some(longest);
         }
@@ -104,7 +104,7 @@ impl MemoryModel {
         };
         let fits = |side: u32| {
             let body = max_body.min(3 * side as u64 * side as u64);
-            self.footprint(&header(side), None, body).alone() <= budget
+            body + self.footprint(&header(side), None).alone() <= budget
         };
         let (mut lo, mut hi) = (0u32, 1u32 << 16);
         while hi - lo > 1 {
@@ -154,7 +154,7 @@ mod tests {
         let budget = 1 << 30;
         let side = model.largest_square(budget, 20 << 20);
         assert!(side > 256, "a 1 GiB budget takes more than 256² ({side})");
-        let cost = |s: u32| model.footprint(&header(s, s), None, (3 * s * s).min(20 << 20) as u64).alone();
+        let cost = |s: u32| model.footprint(&header(s, s), None).alone() + (3 * s * s).min(20 << 20) as u64;
         assert!(cost(side) <= budget && cost(side + 1) > budget);
     }
 
@@ -163,11 +163,11 @@ mod tests {
         let model = shipped();
         let budget = 512 << 20;
         let photo = header(4000, 3000);
-        assert!(model.footprint(&photo, None, 4 << 20).alone() > budget, "a 12 MP photo needs more");
-        let side = model.fit_side(&photo, 4000, 4 << 20, budget).expect("a smaller version fits");
+        assert!(model.footprint(&photo, None).alone() > budget, "a 12 MP photo needs more");
+        let side = model.fit_side(&photo, 4000, budget).expect("a smaller version fits");
         assert!(side < 4000);
-        assert!(model.footprint(&photo, Some(side), 4 << 20).alone() <= budget);
-        assert!(model.footprint(&photo, Some(side + 1), 4 << 20).alone() > budget);
-        assert_eq!(model.fit_side(&photo, 4000, 4 << 20, 1 << 20), None, "1 MiB cannot even decode it");
+        assert!(model.footprint(&photo, Some(side)).alone() <= budget);
+        assert!(model.footprint(&photo, Some(side + 1)).alone() > budget);
+        assert_eq!(model.fit_side(&photo, 4000, 1 << 20), None, "1 MiB cannot even decode it");
     }
 }

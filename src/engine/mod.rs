@@ -322,7 +322,7 @@ impl Engine {
         }
         let slot =
             Arc::clone(&self.context.slots).try_acquire_owned().map_err(|_| EngineError::Overloaded)?;
-        let body = self.context.budget.try_admit(max_body, 0).ok_or(EngineError::Overloaded)?;
+        let body = self.context.budget.try_admit(max_body, 0, 0).ok_or(EngineError::Overloaded)?;
         Ok(Ticket { slot, body })
     }
 
@@ -362,7 +362,8 @@ impl Engine {
             blocking(move || codec::probe(&bytes, &options).map(|h| (h, bytes, ticket))).await??;
         let (fit_side, footprint) = self.plan(target, &header, bytes.len() as u64)?;
         // The body is already reserved by the ticket.
-        let admission = self.context.budget.admit(footprint.decoding, footprint.network).await;
+        let admission =
+            self.context.budget.admit(footprint.decoding, footprint.waiting, footprint.network).await;
         let waiting = footprint.waiting;
         let (image, slot, admission) = blocking(move || {
             let Ticket { slot, body } = ticket;
@@ -410,7 +411,7 @@ impl Engine {
     }
 
     /// The side to fit the image within and its footprint; refuses an image that can never fit
-    /// the budget (or, with [`Oversize::Downscale`], shrinks it until it does).
+    /// the budget beside its `body` (or, with [`Oversize::Downscale`], shrinks it until it does).
     fn plan(
         &self,
         target: Target,
@@ -419,18 +420,19 @@ impl Engine {
     ) -> Result<(Option<u32>, Footprint), EngineError> {
         let memory = &self.context.memory[target.model];
         let budget = self.config.memory_budget;
+        let available = budget.saturating_sub(body);
         let max_side = self.config.decode.max_side;
-        let footprint = memory.footprint(header, max_side, 0);
-        if body + footprint.alone() <= budget {
+        let footprint = memory.footprint(header, max_side);
+        if footprint.alone() <= available {
             return Ok((max_side, footprint));
         }
-        let longest = header.fitted(max_side).0.max(header.fitted(max_side).1);
+        let (width, height) = header.fitted(max_side);
         let shrunk = match self.config.oversize {
-            Oversize::Downscale => memory.fit_side(header, longest, body, budget),
+            Oversize::Downscale => memory.fit_side(header, width.max(height), available),
             Oversize::Reject => None,
         };
         match shrunk {
-            Some(side) => Ok((Some(side), memory.footprint(header, Some(side), 0))),
+            Some(side) => Ok((Some(side), memory.footprint(header, Some(side)))),
             None => Err(EngineError::TooLarge {
                 width: header.width,
                 height: header.height,

@@ -64,8 +64,8 @@ pub struct Taken {
     pub expired: Vec<Entry>,
 }
 
-/// How soon a batch that did not fit the memory budget looks again (only with several devices,
-/// whose passes hold memory independently).
+/// How soon a batch that did not fit the memory budget looks again (while a decode or another
+/// device's pass holds memory; both end by themselves).
 const BUDGET_RETRY: Duration = Duration::from_millis(10);
 
 #[derive(Default)]
@@ -144,7 +144,8 @@ impl Queue {
                 let fitting =
                     (1..=waiting.min(max_size)).rev().find_map(|size| Some((size, reserve(&key, size)?)));
                 let Some((size, reservation)) = fitting else {
-                    // Another device's pass holds the memory: look again shortly.
+                    // A decode in progress or another device's pass holds the memory: look
+                    // again shortly.
                     state =
                         self.changed.wait_timeout(state, BUDGET_RETRY).unwrap_or_else(|p| p.into_inner()).0;
                     continue;
@@ -212,7 +213,7 @@ mod tests {
         let image = DecodedImage::from_rgb(image::RgbImage::new(width, 8));
         let key = BatchKey { model: 0, direction, width, height: 8 };
         let now = Instant::now();
-        let admission = unlimited().try_admit(0, 0).unwrap();
+        let admission = unlimited().try_admit(0, 0, 0).unwrap();
         let deadline = now + Duration::from_secs(60);
         let entry = Entry { key, image, enqueued: now, deadline, reply, slot: None, admission };
         (entry, rx)

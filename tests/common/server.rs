@@ -42,6 +42,19 @@ impl Server {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A field of the server's /proc status, in bytes (VmRSS, VmHWM…).
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    /// Resets the server's peak RSS (VmHWM) to its current RSS, so that a later reading shows
+    /// how far what came after raised it.
+    pub fn reset_peak(&self) {
+        std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5").unwrap();
+    }
+
     /// Waits until `/readyz` answers 200.
     pub async fn ready(self) -> Self {
         let client = reqwest::Client::new();
