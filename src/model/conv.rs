@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Mat, Threads};
+use super::gemm::{matmul, Mat, MatMut, Scalar, Threads};
 
 /// Upper bound on one im2col tile, in elements (16 MiB of f32).
 const TILE_ELEMENTS: usize = 4 << 20;
@@ -140,7 +140,7 @@ fn col2im_add<T: WithDType>(col: &[T], g: &Geometry, rows: Range<usize>, x: &mut
 }
 
 /// y[n, O, oh, ow] = w[O, C·k·k] · im2col(x[n]).
-fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
+fn conv_forward<T: Scalar>(x: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut y = vec![T::zero(); batch * out_channels * g.out_plane()];
     let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
     let weight = Mat::new(w, out_channels, g.col_rows(), g.col_rows());
@@ -149,8 +149,8 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usiz
             let cols = rows.len() * g.out_w;
             let col = &mut col[..g.col_rows() * cols];
             im2col(xs, g, rows.clone(), col);
-            let dst = &mut ys[rows.start * g.out_w..];
-            matmul(dst, g.out_plane(), false, weight, Mat::new(col, g.col_rows(), cols, cols), Threads::All);
+            let dst = MatMut::new(&mut ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
+            matmul(dst, false, weight, Mat::new(col, g.col_rows(), cols, cols), Threads::All);
         }
     }
     y
@@ -158,7 +158,7 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usiz
 
 /// The input-space image of output-space `y`: x[n] = col2im(wᵀ · y[n]). This is both a
 /// convolution's input gradient and a transposed convolution's forward pass.
-fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
+fn conv_transpose<T: Scalar>(y: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut x = vec![T::zero(); batch * g.channels * g.in_plane()];
     let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
     let weight_t = Mat::new(w, out_channels, g.col_rows(), g.col_rows()).t();
@@ -167,7 +167,7 @@ fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: us
             let cols = rows.len() * g.out_w;
             let col = &mut col[..g.col_rows() * cols];
             let grad = Mat::new(&ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
-            matmul(col, cols, false, weight_t, grad, Threads::All);
+            matmul(MatMut::new(col, g.col_rows(), cols, cols), false, weight_t, grad, Threads::All);
             col2im_add(col, g, rows, xs);
         }
     }
@@ -175,13 +175,7 @@ fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: us
 }
 
 /// dw[O, C·k·k] = Σₙ y[n] · im2col(x[n])ᵀ, for output-space `y` and input-space `x`.
-fn conv_weight_grad<T: WithDType>(
-    x: &[T],
-    y: &[T],
-    batch: usize,
-    out_channels: usize,
-    g: &Geometry,
-) -> Vec<T> {
+fn conv_weight_grad<T: Scalar>(x: &[T], y: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut dw = vec![T::zero(); out_channels * g.col_rows()];
     let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
     let mut first = true;
@@ -194,8 +188,7 @@ fn conv_weight_grad<T: WithDType>(
             im2col(xs, g, rows.clone(), col);
             let grad = Mat::new(&ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
             matmul(
-                &mut dw,
-                g.col_rows(),
+                MatMut::new(&mut dw, out_channels, g.col_rows(), g.col_rows()),
                 !first,
                 grad,
                 Mat::new(col, g.col_rows(), cols, cols).t(),
@@ -229,7 +222,7 @@ struct ConvOp {
 }
 
 impl ConvOp {
-    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> (Vec<T>, Shape) {
+    fn run<T: Scalar>(&self, a: &[T], b: &[T]) -> (Vec<T>, Shape) {
         let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
         match self.product {
             Product::Forward => (conv_forward(a, b, n, o, g), Shape::from((n, o, g.out_h, g.out_w))),
@@ -304,6 +297,14 @@ impl CustomOp2 for ConvOp {
     }
 }
 
+/// The geometry of a square-kernel convolution with symmetric zero padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvConfig {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
 /// A convolution with bias and symmetric zero padding (all of ours are).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
@@ -316,14 +317,8 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Loads `weight` and `bias`; when creating fresh variables, PyTorch's default init.
-    pub fn new(
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(cin: usize, cout: usize, config: ConvConfig, vb: VarBuilder) -> Result<Self> {
+        let ConvConfig { kernel, stride, padding } = config;
         let bound = 1. / ((cin * kernel * kernel) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
         let weight = vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?;
