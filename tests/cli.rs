@@ -15,6 +15,16 @@ fn cycleserve(args: &[&str]) -> Output {
     run_binary(env!("CARGO_BIN_EXE_cycleserve"), args)
 }
 
+/// `cycleserve import` of `x2y` (and `y2x`) into `model`, with domains `photo,painting`.
+fn import(x2y: &Path, y2x: Option<&Path>, model: &Path) -> Output {
+    let mut args = vec!["import", "--x2y", x2y.to_str().unwrap(), "--domains", "photo,painting"];
+    if let Some(y2x) = y2x {
+        args.extend(["--y2x", y2x.to_str().unwrap()]);
+    }
+    args.extend(["--out", model.to_str().unwrap()]);
+    cycleserve(&args)
+}
+
 /// Share of channel values within ±1 level, and the largest difference.
 fn agreement(a: &Path, b: &Path) -> (f64, u8) {
     let a = image::open(a).unwrap().to_rgb8();
@@ -31,17 +41,7 @@ fn imported_checkpoints_translate_like_pytorch() {
     for family in ["upsample", "transpose_affine"] {
         let pth = golden(&format!("generator_{family}.pth"));
         let model = dir.path().join(format!("{family}.safetensors"));
-        let out = cycleserve(&[
-            "import",
-            "--x2y",
-            pth.to_str().unwrap(),
-            "--y2x",
-            pth.to_str().unwrap(),
-            "--domains",
-            "photo,painting",
-            "--out",
-            model.to_str().unwrap(),
-        ]);
+        let out = import(&pth, Some(&pth), &model);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(String::from_utf8_lossy(&out.stdout).contains("photo2painting + painting2photo"));
 
@@ -90,15 +90,7 @@ fn command_line_errors_are_clear_and_fail() {
 
     let model = dir.path().join("m.safetensors");
     let pth = golden("generator_upsample.pth");
-    let imported = cycleserve(&[
-        "import",
-        "--x2y",
-        pth.to_str().unwrap(),
-        "--domains",
-        "photo,painting",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
+    let imported = import(&pth, None, &model);
     assert!(imported.status.success());
 
     let out = args(&model, &photo, "painting2photo");

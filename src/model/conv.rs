@@ -33,14 +33,9 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn forward(
-        channels: usize,
-        in_h: usize,
-        in_w: usize,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Result<Self> {
+    /// A convolution of `config` over a `channels`×`in_h`×`in_w` input.
+    fn forward(channels: usize, (in_h, in_w): (usize, usize), config: ConvConfig) -> Result<Self> {
+        let ConvConfig { kernel, stride, padding: pad } = config;
         if in_h + 2 * pad < kernel || in_w + 2 * pad < kernel {
             candle_core::bail!(
                 "conv2d: input {in_h}×{in_w} with padding {pad} is smaller than the {kernel}×{kernel} kernel"
@@ -311,19 +306,18 @@ pub struct Conv2d {
     /// [out, in, k, k], PyTorch's layout.
     weight: Tensor,
     bias: Tensor,
-    stride: usize,
-    padding: usize,
+    config: ConvConfig,
 }
 
 impl Conv2d {
     /// Loads `weight` and `bias`; when creating fresh variables, PyTorch's default init.
     pub fn new(cin: usize, cout: usize, config: ConvConfig, vb: VarBuilder) -> Result<Self> {
-        let ConvConfig { kernel, stride, padding } = config;
+        let kernel = config.kernel;
         let bound = 1. / ((cin * kernel * kernel) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
         let weight = vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?;
         let bias = vb.get_with_hints(cout, "bias", init)?;
-        Ok(Self { weight, bias, stride, padding })
+        Ok(Self { weight, bias, config })
     }
 }
 
@@ -348,11 +342,10 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if on_gemm_path(x) {
             let (_, c, h, w) = x.dims4()?;
-            let (o, _, k, _) = self.weight.dims4()?;
-            let geometry = Geometry::forward(c, h, w, k, self.stride, self.padding)?;
-            apply(x, &self.weight, Product::Forward, geometry, o)?
+            let geometry = Geometry::forward(c, (h, w), self.config)?;
+            apply(x, &self.weight, Product::Forward, geometry, self.weight.dim(0)?)?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?
         };
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
@@ -367,12 +360,14 @@ pub struct ConvTranspose2d {
 }
 
 impl ConvTranspose2d {
-    const KERNEL: usize = 3;
+    /// The convolution this one transposes.
+    const CONFIG: ConvConfig = ConvConfig { kernel: 3, stride: 2, padding: 1 };
 
     pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        let bound = 1. / ((cout * Self::KERNEL * Self::KERNEL) as f64).sqrt();
+        let kernel = Self::CONFIG.kernel;
+        let bound = 1. / ((cout * kernel * kernel) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
-        let weight = vb.get_with_hints((cin, cout, Self::KERNEL, Self::KERNEL), "weight", init)?;
+        let weight = vb.get_with_hints((cin, cout, kernel, kernel), "weight", init)?;
         let bias = vb.get_with_hints(cout, "bias", init)?;
         Ok(Self { weight, bias })
     }
@@ -384,11 +379,12 @@ impl Module for ConvTranspose2d {
             // The convolution this transposes maps the 2H×2W output back onto H×W.
             let (_, cin, h, w) = x.dims4()?;
             let cout = self.weight.dim(1)?;
-            let geometry = Geometry::forward(cout, 2 * h, 2 * w, Self::KERNEL, 2, 1)?;
+            let geometry = Geometry::forward(cout, (2 * h, 2 * w), Self::CONFIG)?;
             debug_assert_eq!((geometry.out_h, geometry.out_w), (h, w));
             apply(x, &self.weight, Product::Transpose, geometry, cin)?
         } else {
-            x.conv_transpose2d(&self.weight, 1, 1, 2, 1)?
+            let ConvConfig { stride, padding, .. } = Self::CONFIG;
+            x.conv_transpose2d(&self.weight, padding, 1, stride, 1)?
         };
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
@@ -421,8 +417,7 @@ mod tests {
             let conv = Conv2d {
                 weight: weight.as_tensor().clone(),
                 bias: Tensor::zeros(o, DType::F32, &Device::Cpu).unwrap(),
-                stride: s,
-                padding: p,
+                config: ConvConfig { kernel: k, stride: s, padding: p },
             };
             let ours = conv.forward(x.as_tensor()).unwrap();
             let theirs = x.as_tensor().conv2d(weight.as_tensor(), p, s, 1, 1).unwrap();
@@ -453,7 +448,7 @@ mod tests {
 
     #[test]
     fn tiles_cover_every_output_row_once() {
-        let g = Geometry::forward(64, 256, 256, 7, 1, 0).unwrap();
+        let g = Geometry::forward(64, (256, 256), ConvConfig { kernel: 7, stride: 1, padding: 0 }).unwrap();
         let rows: Vec<usize> = g.tiles().flatten().collect();
         assert_eq!(rows, (0..g.out_h).collect::<Vec<_>>());
         assert!(g.tile_rows() < g.out_h, "a 64-channel 7×7 layer at 256² must be tiled");
