@@ -230,7 +230,8 @@ mod tests {
         // The families differ only in their two upsampling stages. As 3×3 convolutions at the
         // output resolution (256→128 channels at 128², 128→64 at 256²) these take
         // 256·128·9·128² + 128·64·9·256² = 9,663,676,416 MACs; a stride-2 transposed convolution
-        // meets each tap once per input pixel, a quarter of that.
+        // meets each tap once per input pixel, a quarter of that: the transpose family does
+        // three quarters of it less.
         let upsampling_convs: u64 = 9_663_676_416;
         assert_eq!(upsample.macs(256, 256) - transpose.macs(256, 256), upsampling_convs / 4 * 3);
     }
