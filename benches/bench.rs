@@ -160,7 +160,8 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
                     tasks.push(tokio::spawn(async move {
                         let mut done = Vec::new();
                         for _ in 0..share {
-                            done.push(engine.translate(target, bytes.clone(), OutputFormat::Png).await?);
+                            let ticket = engine.admit(bytes.len() as u64)?;
+                            done.push(engine.translate(ticket, target, bytes.clone(), OutputFormat::Png).await?);
                         }
                         anyhow::Ok(done)
                     }));

@@ -15,7 +15,7 @@ use cycleserve::engine::codec::{self, DecodeOptions, DecodedImage, ImageError, O
 use cycleserve::engine::observer::{Observer, Outcome};
 use cycleserve::engine::worker::{BatchRunner, RunnerFactory};
 use cycleserve::engine::{run_batch, Engine, EngineConfig, EngineError, Target, Translation};
-use cycleserve::model::{Direction, Domains, Executor, Model};
+use cycleserve::model::{Direction, Executor, Model};
 use image::DynamicImage;
 
 /// Records every event, for assertions.
@@ -47,9 +47,7 @@ impl Recorder {
 /// The golden upsample generator, both directions, as a model file in `dir`.
 fn model_file(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("tiny.safetensors");
-    let pth = golden("generator_upsample.pth");
-    cycleserve::model::import::import(&pth, Some(&pth), Domains::parse("photo,painting").unwrap(), &path)
-        .unwrap();
+    import_golden(&path, Directions::Both);
     path
 }
 

@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use cycleserve::model::conv::{Conv2d, ConvTranspose2d};
+use cycleserve::model::conv::{Conv2d, ConvConfig, ConvTranspose2d};
 use cycleserve::model::layers::{reflection_pad2d, upsample_nearest2x, InstanceNorm};
 use cycleserve::model::{Discriminator, DiscriminatorConfig, Family, Generator, GeneratorConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -109,8 +109,8 @@ fn strided_convolution_on_odd_sizes() {
     // candle's own conv2d backward gets the input-gradient shape wrong here; ours must not.
     let x = Var::from_tensor(&randn(&[2, 3, 9, 7])).unwrap();
     let varmap = VarMap::new();
-    let conv =
-        Conv2d::new(3, 4, 3, 2, 1, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
+    let config = ConvConfig { kernel: 3, stride: 2, padding: 1 };
+    let conv = Conv2d::new(3, 4, config, VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu)).unwrap();
     let mut vars = vec![x.clone()];
     vars.extend(randomize(&varmap));
     gradcheck("conv k3 s2 p1 on 9×7", &vars, || conv.forward(&x));

@@ -7,7 +7,7 @@ use candle_core::Device;
 use common::*;
 use cycleserve::engine::codec::{self, DecodeOptions, ImageError, OutputFormat};
 use cycleserve::engine::run_batch;
-use cycleserve::model::{Direction, Domains, Model};
+use cycleserve::model::{Direction, Model};
 use image::GenericImageView;
 
 fn decode_fixture(name: &str) -> Result<codec::DecodedImage, ImageError> {
@@ -125,13 +125,7 @@ fn padding_reflects_on_the_right_and_bottom_only() {
 fn translation_keeps_size_and_alpha_and_encodes_every_format() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
-    cycleserve::model::import::import(
-        &golden("generator_upsample.pth"),
-        None,
-        Domains::parse("a,b").unwrap(),
-        &path,
-    )
-    .unwrap();
+    import_golden(&path, Directions::X2yOnly);
     let model = Model::load(&path, &Device::Cpu).unwrap();
     let input = decode_fixture("gray_alpha.png").unwrap();
     let out = run_batch(&model, Direction::XtoY, &[&input], &Device::Cpu).unwrap().remove(0);

@@ -80,7 +80,7 @@ fn the_memory_plan_is_within_15_percent_of_the_measured_peak() {
             let planned = forward_peak_bytes(&config, 1, height, width, threads);
             let error = planned as f64 / measured as f64 - 1.0;
             println!(
-                "{config:?} at {width}×{height}: planned {:.1} MiB, measured {:.1} MiB ({:+.1} %)",
+                "{config} at {width}×{height}: planned {:.1} MiB, measured {:.1} MiB ({:+.1} %)",
                 planned as f64 / 1048576.0,
                 measured as f64 / 1048576.0,
                 100.0 * error

@@ -22,7 +22,7 @@ fn load_err(path: &Path) -> String {
 /// The golden upsample generator imported as a one-direction model file.
 fn imported_model(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("model.safetensors");
-    import(&golden("generator_upsample.pth"), None, domains(), &out).unwrap();
+    import_golden(&out, Directions::X2yOnly);
     out
 }
 

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::model::file::describe;
 use crate::model::{import, Domains};
 
 #[derive(Debug, Args)]
@@ -31,7 +30,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
         "wrote {}: {} ({}), {} parameters per generator",
         args.out.display(),
         directions.join(" + "),
-        describe(&report.metadata.architecture),
+        report.metadata.architecture,
         report.metadata.architecture.parameter_count()
     );
     Ok(())

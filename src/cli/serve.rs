@@ -82,7 +82,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(
             model = %info.name,
             directions = ?info.direction_names().into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
-            architecture = %crate::model::file::describe(&info.metadata.architecture),
+            architecture = %info.metadata.architecture,
             sha256 = %info.sha256,
             "loading"
         );

@@ -39,7 +39,7 @@ pub fn load_model(path: &Path) -> Result<(ModelInfo, ModelFile), ModelError> {
     let info = ModelInfo {
         name,
         path: path.to_path_buf(),
-        sha256: Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect(),
+        sha256: format!("{:x}", Sha256::digest(&bytes)),
         size_bytes: bytes.len() as u64,
         directions: file.generators.keys().copied().collect(),
         parameters_per_generator: file.metadata.architecture.parameter_count(),

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Mat, Threads};
+use super::gemm::{matmul, Mat, MatMut, Scalar, Threads};
 
 /// Upper bound on one im2col tile, in elements (16 MiB of f32).
 const TILE_ELEMENTS: usize = 4 << 20;
@@ -33,14 +33,9 @@ struct Geometry {
 }
 
 impl Geometry {
-    fn forward(
-        channels: usize,
-        in_h: usize,
-        in_w: usize,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Result<Self> {
+    /// A convolution of `config` over a `channels`×`in_h`×`in_w` input.
+    fn forward(channels: usize, (in_h, in_w): (usize, usize), config: ConvConfig) -> Result<Self> {
+        let ConvConfig { kernel, stride, padding: pad } = config;
         if in_h + 2 * pad < kernel || in_w + 2 * pad < kernel {
             candle_core::bail!(
                 "conv2d: input {in_h}×{in_w} with padding {pad} is smaller than the {kernel}×{kernel} kernel"
@@ -140,7 +135,7 @@ fn col2im_add<T: WithDType>(col: &[T], g: &Geometry, rows: Range<usize>, x: &mut
 }
 
 /// y[n, O, oh, ow] = w[O, C·k·k] · im2col(x[n]).
-fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
+fn conv_forward<T: Scalar>(x: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut y = vec![T::zero(); batch * out_channels * g.out_plane()];
     let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
     let weight = Mat::new(w, out_channels, g.col_rows(), g.col_rows());
@@ -149,8 +144,8 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usiz
             let cols = rows.len() * g.out_w;
             let col = &mut col[..g.col_rows() * cols];
             im2col(xs, g, rows.clone(), col);
-            let dst = &mut ys[rows.start * g.out_w..];
-            matmul(dst, g.out_plane(), false, weight, Mat::new(col, g.col_rows(), cols, cols), Threads::All);
+            let dst = MatMut::new(&mut ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
+            matmul(dst, false, weight, Mat::new(col, g.col_rows(), cols, cols), Threads::All);
         }
     }
     y
@@ -158,7 +153,7 @@ fn conv_forward<T: WithDType>(x: &[T], w: &[T], batch: usize, out_channels: usiz
 
 /// The input-space image of output-space `y`: x[n] = col2im(wᵀ · y[n]). This is both a
 /// convolution's input gradient and a transposed convolution's forward pass.
-fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
+fn conv_transpose<T: Scalar>(y: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut x = vec![T::zero(); batch * g.channels * g.in_plane()];
     let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
     let weight_t = Mat::new(w, out_channels, g.col_rows(), g.col_rows()).t();
@@ -167,7 +162,7 @@ fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: us
             let cols = rows.len() * g.out_w;
             let col = &mut col[..g.col_rows() * cols];
             let grad = Mat::new(&ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
-            matmul(col, cols, false, weight_t, grad, Threads::All);
+            matmul(MatMut::new(col, g.col_rows(), cols, cols), false, weight_t, grad, Threads::All);
             col2im_add(col, g, rows, xs);
         }
     }
@@ -175,13 +170,7 @@ fn conv_transpose<T: WithDType>(y: &[T], w: &[T], batch: usize, out_channels: us
 }
 
 /// dw[O, C·k·k] = Σₙ y[n] · im2col(x[n])ᵀ, for output-space `y` and input-space `x`.
-fn conv_weight_grad<T: WithDType>(
-    x: &[T],
-    y: &[T],
-    batch: usize,
-    out_channels: usize,
-    g: &Geometry,
-) -> Vec<T> {
+fn conv_weight_grad<T: Scalar>(x: &[T], y: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut dw = vec![T::zero(); out_channels * g.col_rows()];
     let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
     let mut first = true;
@@ -194,8 +183,7 @@ fn conv_weight_grad<T: WithDType>(
             im2col(xs, g, rows.clone(), col);
             let grad = Mat::new(&ys[rows.start * g.out_w..], out_channels, cols, g.out_plane());
             matmul(
-                &mut dw,
-                g.col_rows(),
+                MatMut::new(&mut dw, out_channels, g.col_rows(), g.col_rows()),
                 !first,
                 grad,
                 Mat::new(col, g.col_rows(), cols, cols).t(),
@@ -229,7 +217,7 @@ struct ConvOp {
 }
 
 impl ConvOp {
-    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> (Vec<T>, Shape) {
+    fn run<T: Scalar>(&self, a: &[T], b: &[T]) -> (Vec<T>, Shape) {
         let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
         match self.product {
             Product::Forward => (conv_forward(a, b, n, o, g), Shape::from((n, o, g.out_h, g.out_w))),
@@ -304,31 +292,32 @@ impl CustomOp2 for ConvOp {
     }
 }
 
+/// The geometry of a square-kernel convolution with symmetric zero padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvConfig {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
 /// A convolution with bias and symmetric zero padding (all of ours are).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     /// [out, in, k, k], PyTorch's layout.
     weight: Tensor,
     bias: Tensor,
-    stride: usize,
-    padding: usize,
+    config: ConvConfig,
 }
 
 impl Conv2d {
     /// Loads `weight` and `bias`; when creating fresh variables, PyTorch's default init.
-    pub fn new(
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(cin: usize, cout: usize, config: ConvConfig, vb: VarBuilder) -> Result<Self> {
+        let kernel = config.kernel;
         let bound = 1. / ((cin * kernel * kernel) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
         let weight = vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?;
         let bias = vb.get_with_hints(cout, "bias", init)?;
-        Ok(Self { weight, bias, stride, padding })
+        Ok(Self { weight, bias, config })
     }
 }
 
@@ -353,11 +342,10 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if on_gemm_path(x) {
             let (_, c, h, w) = x.dims4()?;
-            let (o, _, k, _) = self.weight.dims4()?;
-            let geometry = Geometry::forward(c, h, w, k, self.stride, self.padding)?;
-            apply(x, &self.weight, Product::Forward, geometry, o)?
+            let geometry = Geometry::forward(c, (h, w), self.config)?;
+            apply(x, &self.weight, Product::Forward, geometry, self.weight.dim(0)?)?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?
         };
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
@@ -372,12 +360,14 @@ pub struct ConvTranspose2d {
 }
 
 impl ConvTranspose2d {
-    const KERNEL: usize = 3;
+    /// The convolution this one transposes.
+    const CONFIG: ConvConfig = ConvConfig { kernel: 3, stride: 2, padding: 1 };
 
     pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        let bound = 1. / ((cout * Self::KERNEL * Self::KERNEL) as f64).sqrt();
+        let kernel = Self::CONFIG.kernel;
+        let bound = 1. / ((cout * kernel * kernel) as f64).sqrt();
         let init = Init::Uniform { lo: -bound, up: bound };
-        let weight = vb.get_with_hints((cin, cout, Self::KERNEL, Self::KERNEL), "weight", init)?;
+        let weight = vb.get_with_hints((cin, cout, kernel, kernel), "weight", init)?;
         let bias = vb.get_with_hints(cout, "bias", init)?;
         Ok(Self { weight, bias })
     }
@@ -389,11 +379,12 @@ impl Module for ConvTranspose2d {
             // The convolution this transposes maps the 2H×2W output back onto H×W.
             let (_, cin, h, w) = x.dims4()?;
             let cout = self.weight.dim(1)?;
-            let geometry = Geometry::forward(cout, 2 * h, 2 * w, Self::KERNEL, 2, 1)?;
+            let geometry = Geometry::forward(cout, (2 * h, 2 * w), Self::CONFIG)?;
             debug_assert_eq!((geometry.out_h, geometry.out_w), (h, w));
             apply(x, &self.weight, Product::Transpose, geometry, cin)?
         } else {
-            x.conv_transpose2d(&self.weight, 1, 1, 2, 1)?
+            let ConvConfig { stride, padding, .. } = Self::CONFIG;
+            x.conv_transpose2d(&self.weight, padding, 1, stride, 1)?
         };
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
@@ -426,8 +417,7 @@ mod tests {
             let conv = Conv2d {
                 weight: weight.as_tensor().clone(),
                 bias: Tensor::zeros(o, DType::F32, &Device::Cpu).unwrap(),
-                stride: s,
-                padding: p,
+                config: ConvConfig { kernel: k, stride: s, padding: p },
             };
             let ours = conv.forward(x.as_tensor()).unwrap();
             let theirs = x.as_tensor().conv2d(weight.as_tensor(), p, s, 1, 1).unwrap();
@@ -458,7 +448,7 @@ mod tests {
 
     #[test]
     fn tiles_cover_every_output_row_once() {
-        let g = Geometry::forward(64, 256, 256, 7, 1, 0).unwrap();
+        let g = Geometry::forward(64, (256, 256), ConvConfig { kernel: 7, stride: 1, padding: 0 }).unwrap();
         let rows: Vec<usize> = g.tiles().flatten().collect();
         assert_eq!(rows, (0..g.out_h).collect::<Vec<_>>());
         assert!(g.tile_rows() < g.out_h, "a 64-channel 7×7 layer at 256² must be tiled");

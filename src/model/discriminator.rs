@@ -4,10 +4,14 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::DiscriminatorConfig;
-use super::conv::Conv2d;
+use super::conv::{Conv2d, ConvConfig};
 use super::layers::InstanceNorm;
 
 const LEAKY_SLOPE: f64 = 0.2;
+/// The four halving convolutions.
+const DOWN: ConvConfig = ConvConfig { kernel: 4, stride: 2, padding: 1 };
+/// The scoring convolution; its asymmetric zero padding is applied before it.
+const HEAD: ConvConfig = ConvConfig { kernel: 4, stride: 1, padding: 0 };
 
 /// Scores each 70×70-ish patch of an NCHW batch; the output is N×1×(H/16)×(W/16).
 #[derive(Clone, Debug)]
@@ -27,13 +31,13 @@ impl Discriminator {
             .iter()
             .enumerate()
             .map(|(layer, &(cin, cout))| {
-                let conv = Conv2d::new(cin, cout, 4, 2, 1, vb.pp(idx[layer].to_string()))?;
+                let conv = Conv2d::new(cin, cout, DOWN, vb.pp(idx[layer].to_string()))?;
                 let norm = (layer > 0).then(|| InstanceNorm::new(cout, false, vb.clone())).transpose()?;
                 Ok((conv, norm))
             })
             .collect::<Result<Vec<_>>>()?;
         // ZeroPad2d((1, 0, 1, 0)) then a padding-1 conv: zero padding is applied explicitly.
-        let head = Conv2d::new(8 * n, 1, 4, 1, 0, vb.pp(idx[4].to_string()))?;
+        let head = Conv2d::new(8 * n, 1, HEAD, vb.pp(idx[4].to_string()))?;
         Ok(Self { convs, head })
     }
 }

@@ -234,7 +234,7 @@ impl ModelFile {
         }
         if !problems.is_empty() {
             return Err(ModelError::TensorMismatch {
-                architecture: describe(&metadata.architecture),
+                architecture: metadata.architecture.to_string(),
                 problems,
             });
         }
@@ -282,7 +282,7 @@ impl ModelFile {
                 check_parameters(&metadata.architecture, &specs, &format!("{}.", direction.prefix()));
             if !problems.is_empty() {
                 return Err(ModelError::TensorMismatch {
-                    architecture: describe(&metadata.architecture),
+                    architecture: metadata.architecture.to_string(),
                     problems,
                 });
             }
@@ -314,14 +314,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// The architecture in words; the same as `GeneratorConfig`'s `Display`.
+// TODO(lead, after merging): `model/import.rs` and `train/cli.rs` (not this branch's files)
+// still call this; make them print the config directly, then delete it.
 pub(crate) fn describe(cfg: &GeneratorConfig) -> String {
-    format!(
-        "{} family, ngf {}, {} blocks, {} instance norm",
-        cfg.family,
-        cfg.ngf,
-        cfg.n_blocks,
-        if cfg.norm_affine { "affine" } else { "non-affine" }
-    )
+    cfg.to_string()
 }
 
 /// Compares tensors found against those the architecture needs; one line per problem, each

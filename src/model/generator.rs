@@ -4,8 +4,17 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Family, GeneratorConfig};
-use super::conv::{Conv2d, ConvTranspose2d};
+use super::conv::{Conv2d, ConvConfig, ConvTranspose2d};
 use super::layers::{reflection_pad, upsample_nearest2x, InstanceNorm};
+
+/// The 7×7 stem and head; reflection padding comes before them.
+const WIDE: ConvConfig = ConvConfig { kernel: 7, stride: 1, padding: 0 };
+/// The two halving stages.
+const DOWN: ConvConfig = ConvConfig { kernel: 3, stride: 2, padding: 1 };
+/// Residual-block convolutions; reflection padding comes before them.
+const BLOCK: ConvConfig = ConvConfig { kernel: 3, stride: 1, padding: 0 };
+/// The convolution after each nearest ×2 upsampling.
+const AFTER_UPSAMPLE: ConvConfig = ConvConfig { kernel: 3, stride: 1, padding: 1 };
 
 /// Conv, instance norm, ReLU: the downsampling stages.
 #[derive(Clone, Debug)]
@@ -32,9 +41,9 @@ struct ResidualBlock {
 impl ResidualBlock {
     fn new(channels: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv1: Conv2d::new(channels, channels, 3, 1, 0, vb.pp("1"))?,
+            conv1: Conv2d::new(channels, channels, BLOCK, vb.pp("1"))?,
             norm1: InstanceNorm::new(channels, affine, vb.pp("2"))?,
-            conv2: Conv2d::new(channels, channels, 3, 1, 0, vb.pp("5"))?,
+            conv2: Conv2d::new(channels, channels, BLOCK, vb.pp("5"))?,
             norm2: InstanceNorm::new(channels, affine, vb.pp("6"))?,
         })
     }
@@ -67,7 +76,7 @@ impl UpStage {
     ) -> Result<Self> {
         Ok(match family {
             Family::Upsample => Self::NearestConv {
-                conv: Conv2d::new(cin, cout, 3, 1, 1, vb.pp(index.to_string()))?,
+                conv: Conv2d::new(cin, cout, AFTER_UPSAMPLE, vb.pp(index.to_string()))?,
                 norm: InstanceNorm::new(cout, affine, vb.pp((index + 1).to_string()))?,
             },
             Family::Transpose => Self::Transposed {
@@ -108,7 +117,7 @@ impl Generator {
         let at = |i: usize| vb.pp(i.to_string());
         let down = |i: usize, cin: usize, cout: usize| -> Result<ConvNormRelu> {
             Ok(ConvNormRelu {
-                conv: Conv2d::new(cin, cout, 3, 2, 1, at(i))?,
+                conv: Conv2d::new(cin, cout, DOWN, at(i))?,
                 norm: InstanceNorm::new(cout, affine, at(i + 1))?,
             })
         };
@@ -116,7 +125,7 @@ impl Generator {
             .map(|b| ResidualBlock::new(4 * ngf, affine, at(idx.first_block + b).pp(family.block_name())))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            stem: Conv2d::new(3, ngf, 7, 1, 0, at(idx.stem))?,
+            stem: Conv2d::new(3, ngf, WIDE, at(idx.stem))?,
             stem_norm: InstanceNorm::new(ngf, affine, at(idx.stem + 1))?,
             down: [down(idx.down[0], ngf, 2 * ngf)?, down(idx.down[1], 2 * ngf, 4 * ngf)?],
             blocks,
@@ -124,7 +133,7 @@ impl Generator {
                 UpStage::new(family, 4 * ngf, 2 * ngf, affine, &vb, idx.up[0])?,
                 UpStage::new(family, 2 * ngf, ngf, affine, &vb, idx.up[1])?,
             ],
-            head: Conv2d::new(ngf, 3, 7, 1, 0, at(idx.head))?,
+            head: Conv2d::new(ngf, 3, WIDE, at(idx.head))?,
         })
     }
 }

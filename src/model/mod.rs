@@ -1,11 +1,20 @@
 //! The CycleGAN networks, their model files and the PyTorch import.
+//!
+//! - [`config`]: the architectures and the PyTorch parameter names and shapes they imply;
+//! - [`generator`], [`discriminator`]: the networks as candle modules (inference and training),
+//!   built from [`layers`] (reflection padding, instance norm, upsampling) and [`conv`] (the
+//!   convolutions, with an im2col + GEMM CPU path in both directions);
+//! - [`fast`]: a channels-last CPU executor for the generator, inference only;
+//! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share;
+//! - [`file`]: the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
+//! - here: [`Model`], a loaded file with a ready generator per direction, and [`ModelError`].
 
 pub mod config;
 pub mod conv;
 pub mod discriminator;
 pub mod fast;
 pub mod file;
-mod gemm;
+pub mod gemm;
 pub mod generator;
 pub mod import;
 pub mod layers;

@@ -49,12 +49,24 @@ pub fn strip_prefix(tensors: &HashMap<String, Tensor>, prefix: &str) -> HashMap<
 
 pub mod server;
 
+/// Which directions [`import_golden`] writes.
+pub enum Directions {
+    X2yOnly,
+    /// The same weights each way.
+    Both,
+}
+
+/// Imports the golden upsample generator's `.pth` into a `photo,painting` model file at `out`.
+pub fn import_golden(out: &Path, directions: Directions) {
+    let pth = golden("generator_upsample.pth");
+    let y2x = matches!(directions, Directions::Both).then_some(pth.as_path());
+    let domains = cycleserve::model::Domains::parse("photo,painting").unwrap();
+    cycleserve::model::import::import(&pth, y2x, domains, out).unwrap();
+}
+
 /// A folder holding the golden upsample generator (both directions) as model `tiny`.
 pub fn tiny_models_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let pth = golden("generator_upsample.pth");
-    let domains = cycleserve::model::Domains::parse("photo,painting").unwrap();
-    cycleserve::model::import::import(&pth, Some(&pth), domains, &dir.path().join("tiny.safetensors"))
-        .unwrap();
+    import_golden(&dir.path().join("tiny.safetensors"), Directions::Both);
     dir
 }

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::nhwc::Nhwc;
-use crate::model::gemm::{matmul, Mat, Threads};
+use crate::model::gemm::{matmul, Mat, MatMut, Threads};
 
 /// Aim for patch blocks of about this many elements (4 MiB of f32) per GEMM.
 const BLOCK_ELEMENTS: usize = 1 << 20;
@@ -134,7 +134,8 @@ impl GemmConv {
                     }
                     let a = Mat::new(patches, pixels, k, k);
                     let w = Mat::new(&self.weight, k, self.cout, self.cout);
-                    matmul(out, self.cout, true, a, w, Threads::One);
+                    let out = MatMut::new(out, pixels, self.cout, self.cout);
+                    matmul(out, true, a, w, Threads::One);
                 },
             );
         y

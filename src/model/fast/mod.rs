@@ -8,6 +8,11 @@
 //! needs a quarter of the multiplications; splits the stride-2 transposed convolution into four
 //! sub-pixel convolutions; and fuses instance norm with its ReLU or residual add. It has no
 //! backward pass: training uses the candle networks.
+//!
+//! - `nhwc`: the channels-last activations, padding, upsampling and fused instance norm;
+//! - `gemm_conv`: convolutions as GEMMs over patches (7×7, strided, transposed phases);
+//! - `winograd`: the 3×3 stride-1 convolutions;
+//! - here: [`FastGenerator`], which packs a generator's weights and runs its layers in order.
 
 mod gemm_conv;
 pub mod memory;

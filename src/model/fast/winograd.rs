@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::nhwc::Nhwc;
-use crate::model::gemm::{matmul, Mat, Threads};
+use crate::model::gemm::{matmul, Mat, MatMut, Threads};
 
 /// Output tile side; input tiles are `TILE + 2` on a side.
 const TILE: usize = 4;
@@ -131,7 +131,8 @@ impl WinogradConv {
         for p in 0..POINTS {
             let v = Mat::new(&scratch.v[p * tiles * cin..], tiles, cin, cin);
             let u = Mat::new(&self.u[p * cin * cout..], cin, cout, cout);
-            matmul(&mut scratch.m[p * tiles * cout..], cout, false, v, u, Threads::One);
+            let m = MatMut::new(&mut scratch.m[p * tiles * cout..], tiles, cout, cout);
+            matmul(m, false, v, u, Threads::One);
         }
         let out_w = x.w - 2;
         let out_rows = out.len() / (out_w * cout);
