@@ -1,5 +1,6 @@
 //! The CycleGAN networks, their model files and the PyTorch import.
 
+pub mod checkpoint;
 pub mod config;
 pub mod conv;
 pub mod discriminator;
@@ -9,6 +10,8 @@ mod gemm;
 pub mod generator;
 pub mod import;
 pub mod layers;
+pub mod layout;
+pub mod pickle;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
