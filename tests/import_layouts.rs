@@ -68,7 +68,10 @@ fn every_published_layout_imports_without_options_and_translates_like_pytorch() 
         assert!(out.status.success(), "{file}: {}", stderr(&out));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if file.starts_with("running_stats") {
-            assert!(stdout.contains("dropped") && stdout.contains("running-statistics buffers"), "{file}: {stdout}");
+            assert!(
+                stdout.contains("dropped") && stdout.contains("running-statistics buffers"),
+                "{file}: {stdout}"
+            );
         }
 
         let meta = ModelFile::load(&model, &Device::Cpu).unwrap().metadata;
@@ -110,7 +113,12 @@ fn combined_checkpoints_say_which_generator_is_x2y_and_swap_flips_them() {
 
     let out = import(&import_fixture("combined_genA2B.pth"), false, &[], &model);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("holds 2 generators (`genA2B.module`, `genB2A.module`): import it with --checkpoint"), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("holds 2 generators (`genA2B.module`, `genB2A.module`): import it with --checkpoint"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -143,7 +151,11 @@ fn hostile_checkpoints_fail_with_a_message_in_bounded_memory() {
     // A [2^20, 2^20] float32 tensor (4 TiB) declared in a 444-byte file.
     let huge = import_with_memory_limit(&import_fixture("huge.pth"), &out);
     assert_eq!(huge.status.code(), Some(1), "{}", stderr(&huge));
-    assert!(stderr(&huge).contains("declares 4398046511104 bytes of tensor data but the file holds only"), "{}", stderr(&huge));
+    assert!(
+        stderr(&huge).contains("declares 4398046511104 bytes of tensor data but the file holds only"),
+        "{}",
+        stderr(&huge)
+    );
 
     // Nine levels of dicts, each with ten memo references to the one below: 10^9 leaves.
     let laughs = import_with_memory_limit(&import_fixture("laughs.pth"), &out);

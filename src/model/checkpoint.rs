@@ -74,7 +74,12 @@ fn read_pth(path: &Path, file_len: u64) -> Result<Vec<(String, Tensor)>, String>
     let pickle_bytes = read_entry(&mut zip, &pickle_name, file_len)?;
     let pickle = Pickle::parse(&pickle_bytes).map_err(|e| format!("cannot read its pickle: {e}"))?;
 
-    let mut walker = Walker { pickle: &pickle, budget: pickle.walk_budget(), tensors: Vec::new(), storages: BTreeMap::new() };
+    let mut walker = Walker {
+        pickle: &pickle,
+        budget: pickle.walk_budget(),
+        tensors: Vec::new(),
+        storages: BTreeMap::new(),
+    };
     walker.visit(pickle.root, "", 0)?;
     let Walker { tensors, storages, .. } = walker;
 
@@ -101,9 +106,10 @@ fn read_pth(path: &Path, file_len: u64) -> Result<Vec<(String, Tensor)>, String>
         if bytes.len() < expected {
             return Err(format!("storage {entry} holds {} bytes, its tensors need {expected}", bytes.len()));
         }
-        let tensor = Tensor::from_raw_buffer(&bytes[..expected], storage.dtype, &[storage.numel], &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(|e| format!("cannot read storage {entry}: {e}"))?;
+        let tensor =
+            Tensor::from_raw_buffer(&bytes[..expected], storage.dtype, &[storage.numel], &Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .map_err(|e| format!("cannot read storage {entry}: {e}"))?;
         loaded.insert(key, tensor);
     }
     tensors
@@ -196,14 +202,19 @@ impl Walker<'_> {
         };
         let ints = |id: NodeId| -> Result<Vec<usize>, String> {
             let items = p.items(id).ok_or_else(|| bad("malformed size"))?;
-            items.iter().map(|&i| p.int(i).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| bad("bad size"))).collect()
+            items
+                .iter()
+                .map(|&i| p.int(i).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| bad("bad size")))
+                .collect()
         };
         let (shape, strides) = (ints(*size)?, ints(*stride)?);
         if !is_row_major(&shape, &strides) {
             return Err(bad("not contiguous; save `tensor.contiguous()` instead"));
         }
         let offset = p.int(*offset).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| bad("bad offset"))?;
-        let Node::Persistent(pid) = p.nodes[*storage] else { return Err(bad("its storage is not a persistent id")) };
+        let Node::Persistent(pid) = p.nodes[*storage] else {
+            return Err(bad("its storage is not a persistent id"));
+        };
         // ('storage', torch.FloatStorage, key, location, numel)
         let Some([_, class, key, _, numel]) = p.items(pid) else { return Err(bad("malformed storage id")) };
         let dtype = match p.global(*class).as_deref() {
@@ -215,7 +226,8 @@ impl Walker<'_> {
             other => return Err(bad(&format!("unsupported storage type {}", other.unwrap_or_default()))),
         };
         let key = p.str(*key).ok_or_else(|| bad("bad storage key"))?.to_string();
-        let numel = p.int(*numel).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| bad("bad storage size"))?;
+        let numel =
+            p.int(*numel).and_then(|v| usize::try_from(v).ok()).ok_or_else(|| bad("bad storage size"))?;
         if self.storages.get(&key).is_some_and(|s| s.dtype != dtype || s.numel != numel) {
             return Err(bad("its storage is declared twice, differently"));
         }

@@ -104,7 +104,8 @@ impl GeneratorConfig {
 
     /// Every convolution in network order.
     pub fn layers(&self) -> Vec<GeneratorLayer> {
-        let blocks = (0..self.n_blocks).flat_map(|block| (0..2).map(move |conv| GeneratorLayer::Block { block, conv }));
+        let blocks = (0..self.n_blocks)
+            .flat_map(|block| (0..2).map(move |conv| GeneratorLayer::Block { block, conv }));
         [GeneratorLayer::Stem, GeneratorLayer::Down(0), GeneratorLayer::Down(1)]
             .into_iter()
             .chain(blocks)

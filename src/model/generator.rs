@@ -117,7 +117,10 @@ impl Generator {
     pub fn new(config: GeneratorConfig, vb: VarBuilder) -> Result<Self> {
         let down = |i: usize| -> Result<ConvNormRelu> {
             let layer = GeneratorLayer::Down(i);
-            Ok(ConvNormRelu { conv: conv_at(&config, layer, 2, 1, &vb)?, norm: norm_at(&config, layer, &vb)? })
+            Ok(ConvNormRelu {
+                conv: conv_at(&config, layer, 2, 1, &vb)?,
+                norm: norm_at(&config, layer, &vb)?,
+            })
         };
         Ok(Self {
             stem: conv_at(&config, GeneratorLayer::Stem, 1, 0, &vb)?,

@@ -127,12 +127,21 @@ pub fn import(
 ///
 /// Which one maps X→Y is read from their prefixes (`A`→`B` before `B`→`A`, `G` before `F`);
 /// `swap` flips it.
-pub fn import_combined(checkpoint: &Path, swap: bool, domains: Domains, out: &Path) -> Result<ImportReport, ModelError> {
+pub fn import_combined(
+    checkpoint: &Path,
+    swap: bool,
+    domains: Domains,
+    out: &Path,
+) -> Result<ImportReport, ModelError> {
     let fail = |reason: String| ModelError::Import { path: checkpoint.to_path_buf(), reason };
     let Found { mut generators, mut notes } = read(checkpoint)?;
     if generators.len() > 2 {
         let prefixes: Vec<String> = generators.iter().map(|g| prefix_name(&g.prefix)).collect();
-        return Err(fail(format!("it holds {} generators ({}); expected one or two", generators.len(), prefixes.join(", "))));
+        return Err(fail(format!(
+            "it holds {} generators ({}); expected one or two",
+            generators.len(),
+            prefixes.join(", ")
+        )));
     }
     if generators.len() == 2 && x2y_comes_second(&generators[0].prefix, &generators[1].prefix) {
         generators.swap(0, 1);
@@ -146,15 +155,19 @@ pub fn import_combined(checkpoint: &Path, swap: bool, domains: Domains, out: &Pa
         [x2y] => notes.push(format!("{x2y} is x2y; the checkpoint has no second generator")),
         _ => {}
     }
-    let generators =
-        Direction::BOTH.into_iter().zip(generators).map(|(d, g)| (d, checkpoint, imported(g, checkpoint))).collect();
+    let generators = Direction::BOTH
+        .into_iter()
+        .zip(generators)
+        .map(|(d, g)| (d, checkpoint, imported(g, checkpoint)))
+        .collect();
     write(generators, domains, out, notes)
 }
 
 /// Whether the second of two generator prefixes is the X→Y one: `G` (ours) before `F`, and
 /// otherwise the one whose distinguishing part sorts first (`A` < `B`, `AB` < `BA`, `A2B` < `B2A`).
 fn x2y_comes_second(a: &str, b: &str) -> bool {
-    let bare = |p: &str| p.split('.').filter(|s| !s.is_empty() && *s != "module").collect::<Vec<_>>().join(".");
+    let bare =
+        |p: &str| p.split('.').filter(|s| !s.is_empty() && *s != "module").collect::<Vec<_>>().join(".");
     let (a, b) = (bare(a), bare(b));
     if (a.as_str(), b.as_str()) == ("F", "G") {
         return true;

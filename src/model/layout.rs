@@ -103,7 +103,8 @@ pub fn find_generators(tensors: Vec<(String, Tensor)>) -> Result<(Vec<FoundGener
     let mut notes = Vec::new();
     let mut refusals = Vec::new();
     for (prefix, group) in groups {
-        let stem_is_rgb = matches!(group.modules.values().next().and_then(Module::weight_dims), Some([_, 3, 7, 7]));
+        let stem_is_rgb =
+            matches!(group.modules.values().next().and_then(Module::weight_dims), Some([_, 3, 7, 7]));
         if !stem_is_rgb {
             let first = group.modules.iter().next().map(|(i, m)| match m.weight_dims() {
                 Some(dims) => format!("{prefix}model.{i}.weight is {dims:?}"),
@@ -121,12 +122,18 @@ pub fn find_generators(tensors: Vec<(String, Tensor)>) -> Result<(Vec<FoundGener
     if found.is_empty() {
         return Err(match refusals.is_empty() {
             false => refusals.join("; "),
-            true => format!("no `model.N` keys of a CycleGAN generator; first keys: {}", first_keys(&outside)),
+            true => {
+                format!("no `model.N` keys of a CycleGAN generator; first keys: {}", first_keys(&outside))
+            }
         });
     }
     notes.extend(refusals.into_iter().map(|r| format!("skipped: {r}")));
     if !outside.is_empty() {
-        notes.push(format!("skipped {} tensors outside any generator ({})", outside.len(), first_keys(&outside)));
+        notes.push(format!(
+            "skipped {} tensors outside any generator ({})",
+            outside.len(),
+            first_keys(&outside)
+        ));
     }
     Ok((found, notes))
 }
@@ -146,10 +153,17 @@ fn first_keys(keys: &[String]) -> String {
     listed.join(", ")
 }
 
+/// A conv layer found at a top-level index, with its norm's module if affine.
+struct PlacedConv<'a> {
+    layer: GeneratorLayer,
+    index: usize,
+    module: &'a Module,
+    norm: Option<&'a Module>,
+}
+
 /// The role each top-level module plays, read in order.
 struct Parsed<'a> {
-    /// Each conv layer with its module, and its norm's module if affine.
-    convs: Vec<(GeneratorLayer, usize, &'a Module, Option<(usize, &'a Module)>)>,
+    convs: Vec<PlacedConv<'a>>,
     /// Index and module of each residual block.
     blocks: Vec<(usize, &'a Module)>,
     rest: Vec<usize>,
@@ -163,11 +177,12 @@ fn parse(group: &Group) -> Parsed<'_> {
     let mut conv = |layer: GeneratorLayer, at: &mut usize| {
         let Some(&(index, module)) = modules.get(*at).filter(|(_, m)| m.children.is_empty()) else { return };
         *at += 1;
-        let norm = modules.get(*at).filter(|(i, m)| *i == index + 1 && m.is_norm() && layer != GeneratorLayer::Head);
+        let norm =
+            modules.get(*at).filter(|(i, m)| *i == index + 1 && m.is_norm() && layer != GeneratorLayer::Head);
         if norm.is_some() {
             *at += 1;
         }
-        convs.push((layer, index, module, norm.copied()));
+        convs.push(PlacedConv { layer, index, module, norm: norm.map(|(_, m)| *m) });
     };
     for layer in [GeneratorLayer::Stem, GeneratorLayer::Down(0), GeneratorLayer::Down(1)] {
         conv(layer, &mut at);
@@ -192,7 +207,12 @@ fn map_generator(prefix: &str, group: Group) -> Result<FoundGenerator, String> {
         unplaced.extend(module.children.values().flat_map(|c| c.values().map(|(k, _)| k.clone())));
     }
     let dims = |layer: GeneratorLayer| {
-        parsed.convs.iter().find(|c| c.0 == layer).and_then(|c| c.2.weight_dims()).map(<[usize]>::to_vec)
+        parsed
+            .convs
+            .iter()
+            .find(|c| c.layer == layer)
+            .and_then(|c| c.module.weight_dims())
+            .map(<[usize]>::to_vec)
     };
     let ngf = dims(GeneratorLayer::Stem).map(|d| d[0]).ok_or(format!("{who}: no stem conv"))?;
     let family = match dims(GeneratorLayer::Up(0)).as_deref() {
@@ -206,32 +226,33 @@ fn map_generator(prefix: &str, group: Group) -> Result<FoundGenerator, String> {
         }
         None => return Err(format!("{who}: no upsampling layer after the residual blocks")),
     };
-    let norm_affine = parsed.convs.first().is_some_and(|c| c.3.is_some());
+    let norm_affine = parsed.convs.first().is_some_and(|c| c.norm.is_some());
     let config = GeneratorConfig { family, ngf, n_blocks: parsed.blocks.len(), norm_affine };
 
     let mut weights = BTreeMap::new();
-    let mut put = |canonical: String, params: &BTreeMap<String, (String, Tensor)>, unplaced: &mut Vec<String>| {
-        for (param, (source, tensor)) in params {
-            match param.as_str() {
-                "weight" | "bias" => {
-                    weights.insert(format!("{canonical}.{param}"), tensor.clone());
+    let mut put =
+        |canonical: String, params: &BTreeMap<String, (String, Tensor)>, unplaced: &mut Vec<String>| {
+            for (param, (source, tensor)) in params {
+                match param.as_str() {
+                    "weight" | "bias" => {
+                        weights.insert(format!("{canonical}.{param}"), tensor.clone());
+                    }
+                    _ => unplaced.push(source.clone()),
                 }
-                _ => unplaced.push(source.clone()),
             }
-        }
-    };
-    for (layer, index, module, norm) in &parsed.convs {
+        };
+    for PlacedConv { layer, index, module, norm } in &parsed.convs {
         let canonical = config.conv_key(*layer);
         if canonical != format!("model.{index}") {
             return Err(format!(
-                "{who}: {prefix}model.{index} holds the {} where a {} generator has it at {canonical}: \
+                "{who}: {prefix}model.{index} holds the {} where the {} family has it at {canonical}: \
                  a layer without parameters is missing or extra (an upsample-family conv follows an nn.Upsample)",
                 layer_name(*layer),
                 family
             ));
         }
         put(canonical, &module.params, &mut unplaced);
-        if let (Some((_, norm)), Some(key)) = (norm, config.norm_key(*layer)) {
+        if let (Some(norm), Some(key)) = (norm, config.norm_key(*layer)) {
             put(key, &norm.params, &mut unplaced);
         }
     }
@@ -296,8 +317,11 @@ fn map_block(
         return Err(format!("its layers sit under several attributes ({})", attrs.join(", ")));
     };
     unplaced.extend(module.params.values().map(|(k, _)| k.clone()));
-    let is_conv = |params: &BTreeMap<String, (String, Tensor)>| params.get("weight").is_some_and(|(_, t)| t.rank() == 4);
-    let convs: Vec<usize> = module.children.iter().filter(|(_, p)| is_conv(p)).map(|((_, j), _)| *j).collect();
+    let is_conv = |params: &BTreeMap<String, (String, Tensor)>| {
+        params.get("weight").is_some_and(|(_, t)| t.rank() == 4)
+    };
+    let convs: Vec<usize> =
+        module.children.iter().filter(|(_, p)| is_conv(p)).map(|((_, j), _)| *j).collect();
     let [first, second] = convs.as_slice() else {
         return Err(format!("expected two 3×3 convs, found {}", convs.len()));
     };
@@ -327,4 +351,87 @@ fn map_block(
         put(key.expect("block convs have norms"), params, unplaced);
     }
     Ok(format!("residual blocks `{attr}`{}", if dropout { " with dropout" } else { "" }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// Zero tensors for every parameter of `config`, with names passed through `rename`.
+    fn tensors(config: &GeneratorConfig, rename: impl Fn(&str) -> String) -> Vec<(String, Tensor)> {
+        config
+            .parameters()
+            .into_iter()
+            .map(|p| (rename(&p.name), Tensor::zeros(p.shape.as_slice(), DType::F32, &Device::Cpu).unwrap()))
+            .collect()
+    }
+
+    fn config(family: Family, norm_affine: bool, n_blocks: usize) -> GeneratorConfig {
+        GeneratorConfig { family, ngf: 4, n_blocks, norm_affine }
+    }
+
+    #[test]
+    fn canonical_names_map_onto_themselves_for_every_architecture() {
+        for family in [Family::Upsample, Family::Transpose] {
+            for (affine, n_blocks) in [(false, 0), (false, 2), (true, 1), (true, 3)] {
+                let cfg = config(family, affine, n_blocks);
+                let (found, notes) = find_generators(tensors(&cfg, str::to_string)).unwrap();
+                assert_eq!(found.len(), 1);
+                assert!(notes.is_empty(), "{notes:?}");
+                assert_eq!(found[0].config, cfg);
+                let names: Vec<&String> = found[0].weights.keys().collect();
+                let mut expected: Vec<String> = cfg.parameters().into_iter().map(|p| p.name).collect();
+                expected.sort();
+                assert_eq!(names, expected.iter().collect::<Vec<_>>(), "{cfg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn any_block_attribute_name_and_a_dropout_gap_are_mapped() {
+        let cfg = config(Family::Transpose, true, 2);
+        // `conv_block.5/6` → `layers.6/7`: a dropout before the second conv.
+        let renamed = tensors(&cfg, |n| {
+            n.replace("conv_block.5.", "layers.6.")
+                .replace("conv_block.6.", "layers.7.")
+                .replace("conv_block", "layers")
+        });
+        let (found, _) = find_generators(renamed).unwrap();
+        assert_eq!(found[0].config, cfg);
+        assert!(found[0].layout.contains("residual blocks `layers` with dropout"), "{}", found[0].layout);
+    }
+
+    #[test]
+    fn module_order_that_contradicts_the_shapes_is_refused() {
+        // A plain 3×3 conv right after the blocks, with no nn.Upsample before it.
+        let cfg = config(Family::Upsample, false, 1);
+        let shifted = tensors(&cfg, |n| match n.strip_prefix("model.12.") {
+            Some(rest) => format!("model.11.{rest}"),
+            None => n.to_string(),
+        });
+        let err = find_generators(shifted).unwrap_err();
+        assert!(
+            err.contains("model.11 holds the upsampling conv 1 where the upsample family has it at model.12"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_padded_blocks_and_stray_keys_are_refused_by_name() {
+        let cfg = config(Family::Transpose, false, 1);
+        let zero_padded = tensors(&cfg, |n| {
+            n.replace("conv_block.1.", "conv_block.0.").replace("conv_block.5.", "conv_block.4.")
+        });
+        let err = find_generators(zero_padded).unwrap_err();
+        assert!(err.contains("zero-padded blocks"), "{err}");
+
+        let mut stray = tensors(&cfg, str::to_string);
+        stray.push((
+            "model.10.conv_block.3.weight".into(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        ));
+        let err = find_generators(stray).unwrap_err();
+        assert!(err.contains("keys it could not place: model.10.conv_block.3.weight"), "{err}");
+    }
 }

@@ -22,12 +22,19 @@ pub enum Node {
     Str(String),
     Bytes(usize),
     /// A class or function by name (`GLOBAL`), never resolved.
-    Global { module: String, name: String },
+    Global {
+        module: String,
+        name: String,
+    },
     Tuple(Vec<NodeId>),
     List(Vec<NodeId>),
     Dict(Vec<(NodeId, NodeId)>),
     /// `callable(*args)` (`REDUCE`, `NEWOBJ`), with the state a later `BUILD` gave it.
-    Call { callable: NodeId, args: NodeId, state: Option<NodeId> },
+    Call {
+        callable: NodeId,
+        args: NodeId,
+        state: Option<NodeId>,
+    },
     /// A persistent id: how PyTorch refers to tensor storages kept outside the pickle.
     Persistent(NodeId),
 }
@@ -256,7 +263,9 @@ impl Machine<'_> {
                 b'0' => {
                     self.pop()?;
                 }
-                other => return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", self.pos - 1)),
+                other => {
+                    return Err(format!("unsupported pickle opcode 0x{other:02x} at byte {}", self.pos - 1))
+                }
             }
         }
     }
@@ -364,7 +373,8 @@ impl Machine<'_> {
     }
 
     fn memo_get(&mut self, key: u32) -> Result<(), String> {
-        let id = *self.memo.get(&key).ok_or_else(|| format!("memo entry {key} is read before it is written"))?;
+        let id =
+            *self.memo.get(&key).ok_or_else(|| format!("memo entry {key} is read before it is written"))?;
         self.stack.push(Entry::Object(id));
         Ok(())
     }

@@ -70,7 +70,8 @@ impl FastGenerator {
             Ok(WinogradConv::new(&weight(layer)?, &bias(layer)?, cout, cin))
         };
         let stem = (conv(GeneratorLayer::Stem, 1)?, norm(GeneratorLayer::Stem)?);
-        let down = |i| -> Result<_> { Ok((conv(GeneratorLayer::Down(i), 2)?, norm(GeneratorLayer::Down(i))?)) };
+        let down =
+            |i| -> Result<_> { Ok((conv(GeneratorLayer::Down(i), 2)?, norm(GeneratorLayer::Down(i))?)) };
         let blocks = (0..config.n_blocks)
             .map(|block| -> Result<_> {
                 let layer = |conv| GeneratorLayer::Block { block, conv };
@@ -83,7 +84,12 @@ impl FastGenerator {
                 Family::Upsample => Upsampling::Nearest(winograd(layer)?),
                 Family::Transpose => {
                     let (cin, cout) = config.channels(layer);
-                    Upsampling::Transposed(GemmConv::transposed_phases(&weight(layer)?, &bias(layer)?, cin, cout))
+                    Upsampling::Transposed(GemmConv::transposed_phases(
+                        &weight(layer)?,
+                        &bias(layer)?,
+                        cin,
+                        cout,
+                    ))
                 }
             };
             Ok((upsampling, norm(layer)?))
