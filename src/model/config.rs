@@ -1,8 +1,8 @@
 //! Architecture descriptions, and the PyTorch parameter names and shapes they imply.
 //!
-//! The parameter list here is the single source of truth for key names: model files are checked
-//! against it, `.pth` imports are mapped through it, and the networks consume exactly these keys
-//! (a test holds them together).
+//! The key names here (`conv_key`, `norm_key`, `parameters`) are the single source of truth:
+//! model files are checked against them, imports are mapped onto them, and both generator
+//! executors and the discriminator read their weights through them (a test holds them together).
 
 use std::fmt;
 use std::str::FromStr;
@@ -224,18 +224,24 @@ pub struct DiscriminatorConfig {
 
 impl DiscriminatorConfig {
     /// Sequential indices of the four strided convolutions and the final one.
-    pub(crate) const CONV_INDICES: [usize; 5] = [0, 2, 5, 8, 12];
+    const CONV_INDICES: [usize; 5] = [0, 2, 5, 8, 12];
+
+    /// The key prefix of convolution `i` (0–3 strided, 4 the final one).
+    pub fn conv_key(i: usize) -> String {
+        format!("model.{}", Self::CONV_INDICES[i])
+    }
 
     pub fn parameters(&self) -> Vec<ParamSpec> {
         let n = self.ndf;
         let shapes = [[n, 3], [2 * n, n], [4 * n, 2 * n], [8 * n, 4 * n], [1, 8 * n]];
-        Self::CONV_INDICES
-            .iter()
-            .zip(shapes)
+        shapes
+            .into_iter()
+            .enumerate()
             .flat_map(|(i, [cout, cin])| {
+                let key = Self::conv_key(i);
                 [
-                    ParamSpec::new(format!("model.{i}.weight"), [cout, cin, 4, 4]),
-                    ParamSpec::new(format!("model.{i}.bias"), [cout]),
+                    ParamSpec::new(format!("{key}.weight"), [cout, cin, 4, 4]),
+                    ParamSpec::new(format!("{key}.bias"), [cout]),
                 ]
             })
             .collect()
