@@ -71,7 +71,7 @@ fn read_pth(path: &Path, file_len: u64) -> Result<Vec<(String, Tensor)>, String>
         .find(|n| n.ends_with("data.pkl") && n.matches('/').count() <= 1)
         .ok_or("a zip file without data.pkl: not a PyTorch checkpoint")?;
     let archive = pickle_name.strip_suffix("data.pkl").unwrap_or_default().to_string();
-    let pickle_bytes = read_entry(&mut zip, &pickle_name, file_len)?;
+    let pickle_bytes = read_entry(&mut zip, &pickle_name, file_len, file_len)?;
     let pickle = Pickle::parse(&pickle_bytes).map_err(|e| format!("cannot read its pickle: {e}"))?;
 
     let mut walker = Walker {
@@ -101,8 +101,8 @@ fn read_pth(path: &Path, file_len: u64) -> Result<Vec<(String, Tensor)>, String>
     let mut loaded: BTreeMap<&str, Tensor> = BTreeMap::new();
     for (key, storage) in &storages {
         let entry = format!("{archive}data/{key}");
-        let bytes = read_entry(&mut zip, &entry, file_len)?;
         let expected = storage.numel * storage.dtype.size_in_bytes();
+        let bytes = read_entry(&mut zip, &entry, expected as u64, file_len)?;
         if bytes.len() < expected {
             return Err(format!("storage {entry} holds {} bytes, its tensors need {expected}", bytes.len()));
         }
@@ -125,14 +125,21 @@ fn read_pth(path: &Path, file_len: u64) -> Result<Vec<(String, Tensor)>, String>
         .collect()
 }
 
-/// Reads a whole zip entry, refusing one larger than the file (a compressed bomb) up front.
-fn read_entry(zip: &mut zip::ZipArchive<File>, name: &str, file_len: u64) -> Result<Vec<u8>, String> {
+/// Reads the first `limit` bytes of a zip entry; an entry claiming more than the file holds (a
+/// compressed bomb, or entries overlapping) is refused up front, so what is read in all stays
+/// within the pickle plus the storages declared, both bounded by the file's size.
+fn read_entry(
+    zip: &mut zip::ZipArchive<File>,
+    name: &str,
+    limit: u64,
+    file_len: u64,
+) -> Result<Vec<u8>, String> {
     let entry = zip.by_name(name).map_err(|e| format!("cannot open {name} in the archive: {e}"))?;
     if entry.size() > file_len {
         return Err(format!("{name} claims {} bytes, more than the file's {file_len}", entry.size()));
     }
-    let mut bytes = Vec::with_capacity(entry.size() as usize);
-    entry.take(file_len).read_to_end(&mut bytes).map_err(|e| format!("cannot read {name}: {e}"))?;
+    let mut bytes = Vec::with_capacity(entry.size().min(limit) as usize);
+    entry.take(limit).read_to_end(&mut bytes).map_err(|e| format!("cannot read {name}: {e}"))?;
     Ok(bytes)
 }
 
