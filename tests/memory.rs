@@ -21,10 +21,7 @@ fn random_generator(config: GeneratorConfig) -> FastGenerator {
     let weights: HashMap<String, Tensor> = config
         .parameters()
         .into_iter()
-        .map(|p| {
-            let (name, shape) = (p.0, p.1);
-            (name, Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap())
-        })
+        .map(|p| (p.name, Tensor::randn(0f32, 0.02, p.shape, &Device::Cpu).unwrap()))
         .collect();
     FastGenerator::new(config, &weights).unwrap()
 }

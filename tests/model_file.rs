@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
+use cycleserve::model::config::ParamSpec;
 use cycleserve::model::import::{import, read_checkpoint};
 use cycleserve::model::{Direction, Domains, Generator, GeneratorConfig, Model, ModelFile};
 
@@ -93,18 +94,21 @@ fn import_refuses_what_it_cannot_map_and_names_the_keys() {
     let out = dir.path().join("x.safetensors");
     let err = |path: &Path| import(path, None, domains(), &out).unwrap_err().to_string();
     let extra = err(&fixture("pth/extra_key.pth"));
-    assert!(extra.contains("unexpected tensor model.99.weight"), "{extra}");
+    assert!(extra.contains("keys it could not place: model.99.weight"), "{extra}");
     let missing = err(&fixture("pth/missing_key.pth"));
     assert!(missing.contains("missing tensor model.13.bias [16]"), "{missing}");
     let disc = err(&fixture("pth/discriminator.pth"));
-    assert!(disc.contains("no model.1.weight: not a CycleGAN ResNet generator"), "{disc}");
+    assert!(
+        disc.contains("the state_dict is not a CycleGAN ResNet generator: model.0.weight is [2, 3, 4, 4]"),
+        "{disc}"
+    );
     let not_pth = err(&fixture("photo_256x256.png"));
     assert!(not_pth.contains("not a zip-format PyTorch checkpoint"), "{not_pth}");
     let mixed =
         import(&golden("generator_upsample.pth"), Some(&golden("generator_transpose.pth")), domains(), &out)
             .unwrap_err()
             .to_string();
-    assert!(mixed.contains("differs from the x2y checkpoint's"), "{mixed}");
+    assert!(mixed.contains("differs from the x2y generator's"), "{mixed}");
     assert!(!out.exists(), "a refused import must not write a file");
 }
 
@@ -208,7 +212,8 @@ fn networks_consume_exactly_the_parameters_their_config_lists() {
     assert_eq!(sorted_shapes(&varmap), sorted(cfg.parameters()));
 }
 
-fn sorted(mut params: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
+fn sorted(params: Vec<ParamSpec>) -> Vec<(String, Vec<usize>)> {
+    let mut params: Vec<_> = params.into_iter().map(|p| (p.name, p.shape)).collect();
     params.sort();
     params
 }
@@ -216,5 +221,5 @@ fn sorted(mut params: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
 /// The variables a network created, with their shapes, by name.
 fn sorted_shapes(varmap: &VarMap) -> Vec<(String, Vec<usize>)> {
     let data = varmap.data().lock().unwrap();
-    sorted(data.iter().map(|(k, v)| (k.clone(), v.as_tensor().dims().to_vec())).collect())
+    sorted(data.iter().map(|(k, v)| ParamSpec::new(k, v.as_tensor().dims())).collect())
 }

@@ -8,12 +8,20 @@ use crate::model::{import, Domains};
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Generator checkpoint for X→Y (G), as saved by PyTorch-GAN or the original CycleGAN code.
-    #[arg(long)]
-    x2y: PathBuf,
+    /// Generator checkpoint for X→Y (G): a state_dict as `.pth` or `.safetensors`, bare or
+    /// wrapped (`state_dict`, `model`, `module.`).
+    #[arg(long, required_unless_present = "checkpoint", conflicts_with = "checkpoint")]
+    x2y: Option<PathBuf>,
     /// Generator checkpoint for Y→X (F); without it the model has one direction.
-    #[arg(long)]
+    #[arg(long, requires = "x2y")]
     y2x: Option<PathBuf>,
+    /// One checkpoint holding both generators under two prefixes (`netG_A.`/`netG_B.`,
+    /// `G_AB.`/`G_BA.`, `genA2B.`/`genB2A.`); the A→B one becomes x2y.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// With --checkpoint: take the B→A generator as x2y instead.
+    #[arg(long, requires = "checkpoint")]
+    swap: bool,
     /// Names of the two domains, X first: e.g. `photo,painting`.
     #[arg(long, value_parser = Domains::parse)]
     domains: Domains,
@@ -23,7 +31,14 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let report = import::import(&args.x2y, args.y2x.as_deref(), args.domains, &args.out)?;
+    let report = match (&args.checkpoint, &args.x2y) {
+        (Some(checkpoint), _) => import::import_combined(checkpoint, args.swap, args.domains, &args.out)?,
+        (None, Some(x2y)) => import::import(x2y, args.y2x.as_deref(), args.domains, &args.out)?,
+        (None, None) => anyhow::bail!("give --x2y (and --y2x) or --checkpoint"),
+    };
+    for note in &report.notes {
+        println!("note: {note}");
+    }
     let directions: Vec<String> =
         report.directions.iter().map(|d| report.metadata.domains.direction_name(*d)).collect();
     println!(

@@ -1,8 +1,8 @@
 //! Architecture descriptions, and the PyTorch parameter names and shapes they imply.
 //!
-//! The parameter list here is the single source of truth for key names: model files are checked
-//! against it, `.pth` imports are mapped through it, and the networks consume exactly these keys
-//! (a test holds them together).
+//! The key names here (`conv_key`, `norm_key`, `parameters`) are the single source of truth:
+//! model files are checked against them, imports are mapped onto them, and both generator
+//! executors and the discriminator read their weights through them (a test holds them together).
 
 use std::fmt;
 use std::str::FromStr;
@@ -55,7 +55,17 @@ impl FromStr for Family {
 }
 
 /// One parameter tensor: its PyTorch name (without network prefix) and shape.
-pub type ParamSpec = (String, Vec<usize>);
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    pub fn new(name: impl Into<String>, shape: impl Into<Vec<usize>>) -> Self {
+        Self { name: name.into(), shape: shape.into() }
+    }
+}
 
 /// The CycleGAN ResNet generator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,15 +86,23 @@ impl fmt::Display for GeneratorConfig {
     }
 }
 
-/// Positions in the generator's top-level `nn.Sequential`, which give the PyTorch key names.
-pub(crate) struct GeneratorIndices {
-    pub stem: usize,
-    pub down: [usize; 2],
-    pub first_block: usize,
-    /// Index of each upsampling stage's convolution (plain or transposed).
-    pub up: [usize; 2],
-    pub head: usize,
+/// One convolution of the generator (with the instance norm that follows it, if any).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GeneratorLayer {
+    /// The 7×7 convolution from RGB.
+    Stem,
+    /// Stride-2 convolution `0` or `1`.
+    Down(usize),
+    /// Convolution `conv` (0 or 1) of residual block `block`.
+    Block { block: usize, conv: usize },
+    /// Upsampling stage `0` or `1`: a 3×3 conv after a nearest ×2, or a transposed conv.
+    Up(usize),
+    /// The 7×7 convolution to RGB (no norm; tanh follows).
+    Head,
 }
+
+/// Positions in the residual block's Sequential: RPad, Conv, IN, ReLU, RPad, Conv, IN.
+const BLOCK_CONVS: [usize; 2] = [1, 5];
 
 impl GeneratorConfig {
     /// The architecture of the published checkpoints: 9 blocks, 64 filters.
@@ -92,79 +110,98 @@ impl GeneratorConfig {
         Self { family, ngf: 64, n_blocks: 9, norm_affine: false }
     }
 
-    pub(crate) fn indices(&self) -> GeneratorIndices {
+    /// Every convolution in network order.
+    pub fn layers(&self) -> Vec<GeneratorLayer> {
+        let blocks = (0..self.n_blocks)
+            .flat_map(|block| (0..2).map(move |conv| GeneratorLayer::Block { block, conv }));
+        [GeneratorLayer::Stem, GeneratorLayer::Down(0), GeneratorLayer::Down(1)]
+            .into_iter()
+            .chain(blocks)
+            .chain([GeneratorLayer::Up(0), GeneratorLayer::Up(1), GeneratorLayer::Head])
+            .collect()
+    }
+
+    /// Index of a non-block layer's convolution in the top-level `nn.Sequential`.
+    fn sequential_index(&self, layer: GeneratorLayer) -> usize {
         // 0 pad, 1 conv, 2 norm, 3 relu, then (conv, norm, relu) twice, then the blocks.
         let after_blocks = 10 + self.n_blocks;
-        let (up, head) = match self.family {
+        match (layer, self.family) {
+            (GeneratorLayer::Stem, _) => 1,
+            (GeneratorLayer::Down(i), _) => 4 + 3 * i,
+            (GeneratorLayer::Block { block, .. }, _) => 10 + block,
             // Upsample, conv, norm, relu per stage; then pad, conv, tanh.
-            Family::Upsample => ([after_blocks + 1, after_blocks + 5], after_blocks + 9),
+            (GeneratorLayer::Up(i), Family::Upsample) => after_blocks + 1 + 4 * i,
+            (GeneratorLayer::Head, Family::Upsample) => after_blocks + 9,
             // ConvTranspose, norm, relu per stage; then pad, conv, tanh.
-            Family::Transpose => ([after_blocks, after_blocks + 3], after_blocks + 7),
-        };
-        GeneratorIndices { stem: 1, down: [4, 7], first_block: 10, up, head }
+            (GeneratorLayer::Up(i), Family::Transpose) => after_blocks + 3 * i,
+            (GeneratorLayer::Head, Family::Transpose) => after_blocks + 7,
+        }
+    }
+
+    /// The key prefix of a layer's convolution: its tensors are `{prefix}.weight`/`.bias`.
+    pub fn conv_key(&self, layer: GeneratorLayer) -> String {
+        let index = self.sequential_index(layer);
+        match layer {
+            GeneratorLayer::Block { conv, .. } => {
+                format!("model.{index}.{}.{}", self.family.block_name(), BLOCK_CONVS[conv])
+            }
+            _ => format!("model.{index}"),
+        }
+    }
+
+    /// The key prefix of the instance norm after a layer's convolution (the next index); the
+    /// head has none. Its tensors exist only when the norm is affine.
+    pub fn norm_key(&self, layer: GeneratorLayer) -> Option<String> {
+        let index = self.sequential_index(layer);
+        match layer {
+            GeneratorLayer::Head => None,
+            GeneratorLayer::Block { conv, .. } => {
+                Some(format!("model.{index}.{}.{}", self.family.block_name(), BLOCK_CONVS[conv] + 1))
+            }
+            _ => Some(format!("model.{}", index + 1)),
+        }
+    }
+
+    /// Input and output channels of a layer's convolution.
+    pub fn channels(&self, layer: GeneratorLayer) -> (usize, usize) {
+        let ngf = self.ngf;
+        match layer {
+            GeneratorLayer::Stem => (3, ngf),
+            GeneratorLayer::Down(i) => (ngf << i, ngf << (i + 1)),
+            GeneratorLayer::Block { .. } => (4 * ngf, 4 * ngf),
+            GeneratorLayer::Up(i) => ((4 * ngf) >> i, (2 * ngf) >> i),
+            GeneratorLayer::Head => (ngf, 3),
+        }
+    }
+
+    /// The PyTorch weight shape of a layer's convolution.
+    pub fn weight_shape(&self, layer: GeneratorLayer) -> [usize; 4] {
+        let (cin, cout) = self.channels(layer);
+        match (layer, self.family) {
+            (GeneratorLayer::Stem | GeneratorLayer::Head, _) => [cout, cin, 7, 7],
+            // PyTorch stores transposed-conv weights as (in, out, k, k).
+            (GeneratorLayer::Up(_), Family::Transpose) => [cin, cout, 3, 3],
+            _ => [cout, cin, 3, 3],
+        }
     }
 
     /// Every parameter the network has, in PyTorch naming, in network order.
     pub fn parameters(&self) -> Vec<ParamSpec> {
-        let ngf = self.ngf;
-        let idx = self.indices();
         let mut params = Vec::new();
-        let mut conv = |index: String, weight: [usize; 4], out_channels: usize| {
-            params.push((format!("model.{index}.weight"), weight.to_vec()));
-            params.push((format!("model.{index}.bias"), vec![out_channels]));
-        };
-        conv(idx.stem.to_string(), [ngf, 3, 7, 7], ngf);
-        conv(idx.down[0].to_string(), [2 * ngf, ngf, 3, 3], 2 * ngf);
-        conv(idx.down[1].to_string(), [4 * ngf, 2 * ngf, 3, 3], 4 * ngf);
-        let block = self.family.block_name();
-        for b in 0..self.n_blocks {
-            for layer in [1, 5] {
-                let index = format!("{}.{block}.{layer}", idx.first_block + b);
-                conv(index, [4 * ngf, 4 * ngf, 3, 3], 4 * ngf);
-            }
-        }
-        for (stage, &i) in idx.up.iter().enumerate() {
-            let (cin, cout) = ((4 * ngf) >> stage, (2 * ngf) >> stage);
-            // PyTorch stores transposed-conv weights as (in, out, k, k).
-            let weight = match self.family {
-                Family::Upsample => [cout, cin, 3, 3],
-                Family::Transpose => [cin, cout, 3, 3],
-            };
-            conv(i.to_string(), weight, cout);
-        }
-        conv(idx.head.to_string(), [3, ngf, 7, 7], 3);
-        if self.norm_affine {
-            for (name, channels) in self.norm_layers() {
-                params.push((format!("{name}.weight"), vec![channels]));
-                params.push((format!("{name}.bias"), vec![channels]));
+        for layer in self.layers() {
+            let (conv, cout) = (self.conv_key(layer), self.channels(layer).1);
+            params.push(ParamSpec::new(format!("{conv}.weight"), self.weight_shape(layer)));
+            params.push(ParamSpec::new(format!("{conv}.bias"), [cout]));
+            if let Some(norm) = self.norm_key(layer).filter(|_| self.norm_affine) {
+                params.push(ParamSpec::new(format!("{norm}.weight"), [cout]));
+                params.push(ParamSpec::new(format!("{norm}.bias"), [cout]));
             }
         }
         params
     }
 
-    /// Names and widths of the instance-norm layers (they carry parameters only when affine).
-    pub(crate) fn norm_layers(&self) -> Vec<(String, usize)> {
-        let ngf = self.ngf;
-        let idx = self.indices();
-        let mut layers = vec![
-            (format!("model.{}", idx.stem + 1), ngf),
-            (format!("model.{}", idx.down[0] + 1), 2 * ngf),
-            (format!("model.{}", idx.down[1] + 1), 4 * ngf),
-        ];
-        let block = self.family.block_name();
-        for b in 0..self.n_blocks {
-            for layer in [2, 6] {
-                layers.push((format!("model.{}.{block}.{layer}", idx.first_block + b), 4 * ngf));
-            }
-        }
-        for (stage, &i) in idx.up.iter().enumerate() {
-            layers.push((format!("model.{}", i + 1), (2 * ngf) >> stage));
-        }
-        layers
-    }
-
     pub fn parameter_count(&self) -> usize {
-        self.parameters().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.parameters().iter().map(|p| p.shape.iter().product::<usize>()).sum()
     }
 
     /// Multiply-accumulates of one forward pass at `height`×`width` (a multiple of 4).
@@ -195,18 +232,24 @@ pub struct DiscriminatorConfig {
 
 impl DiscriminatorConfig {
     /// Sequential indices of the four strided convolutions and the final one.
-    pub(crate) const CONV_INDICES: [usize; 5] = [0, 2, 5, 8, 12];
+    const CONV_INDICES: [usize; 5] = [0, 2, 5, 8, 12];
+
+    /// The key prefix of convolution `i` (0–3 strided, 4 the final one).
+    pub fn conv_key(i: usize) -> String {
+        format!("model.{}", Self::CONV_INDICES[i])
+    }
 
     pub fn parameters(&self) -> Vec<ParamSpec> {
         let n = self.ndf;
         let shapes = [[n, 3], [2 * n, n], [4 * n, 2 * n], [8 * n, 4 * n], [1, 8 * n]];
-        Self::CONV_INDICES
-            .iter()
-            .zip(shapes)
+        shapes
+            .into_iter()
+            .enumerate()
             .flat_map(|(i, [cout, cin])| {
+                let key = Self::conv_key(i);
                 [
-                    (format!("model.{i}.weight"), vec![cout, cin, 4, 4]),
-                    (format!("model.{i}.bias"), vec![cout]),
+                    ParamSpec::new(format!("{key}.weight"), [cout, cin, 4, 4]),
+                    ParamSpec::new(format!("{key}.bias"), [cout]),
                 ]
             })
             .collect()
@@ -245,12 +288,12 @@ mod tests {
     #[test]
     fn key_names_follow_each_family() {
         let up = GeneratorConfig { family: Family::Upsample, ngf: 8, n_blocks: 2, norm_affine: false };
-        let names: Vec<_> = up.parameters().into_iter().map(|(n, _)| n).collect();
+        let names: Vec<_> = up.parameters().into_iter().map(|p| p.name).collect();
         assert!(names.contains(&"model.11.block.5.weight".to_string()));
         assert!(names.contains(&"model.21.bias".to_string()));
         let tr = GeneratorConfig { family: Family::Transpose, ngf: 8, n_blocks: 2, norm_affine: true };
         let params = tr.parameters();
-        let shape = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, s)| s.clone());
+        let shape = |k: &str| params.iter().find(|p| p.name == k).map(|p| p.shape.clone());
         assert_eq!(shape("model.12.weight"), Some(vec![32, 16, 3, 3]));
         assert_eq!(shape("model.12.bias"), Some(vec![16]));
         assert_eq!(shape("model.13.weight"), Some(vec![16]));

@@ -23,21 +23,19 @@ pub struct Discriminator {
 
 impl Discriminator {
     pub fn new(config: DiscriminatorConfig, vb: VarBuilder) -> Result<Self> {
-        let vb = vb.pp("model");
         let n = config.ndf;
         let widths = [(3, n), (n, 2 * n), (2 * n, 4 * n), (4 * n, 8 * n)];
-        let idx = DiscriminatorConfig::CONV_INDICES;
         let convs = widths
             .iter()
             .enumerate()
             .map(|(layer, &(cin, cout))| {
-                let conv = Conv2d::new(cin, cout, DOWN, vb.pp(idx[layer].to_string()))?;
+                let conv = Conv2d::new(cin, cout, DOWN, vb.pp(DiscriminatorConfig::conv_key(layer)))?;
                 let norm = (layer > 0).then(|| InstanceNorm::new(cout, false, vb.clone())).transpose()?;
                 Ok((conv, norm))
             })
             .collect::<Result<Vec<_>>>()?;
         // ZeroPad2d((1, 0, 1, 0)) then a padding-1 conv: zero padding is applied explicitly.
-        let head = Conv2d::new(8 * n, 1, HEAD, vb.pp(idx[4].to_string()))?;
+        let head = Conv2d::new(8 * n, 1, HEAD, vb.pp(DiscriminatorConfig::conv_key(4)))?;
         Ok(Self { convs, head })
     }
 }

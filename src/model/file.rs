@@ -217,7 +217,7 @@ impl ModelFile {
             let direction =
                 Direction::BOTH.into_iter().find(|d| name.starts_with(&format!("{}.", d.prefix())));
             match direction {
-                Some(d) => found.entry(d).or_default().push((name[2..].to_string(), view.shape().to_vec())),
+                Some(d) => found.entry(d).or_default().push(ParamSpec::new(&name[2..], view.shape())),
                 None => stray.push(name),
             }
         }
@@ -242,7 +242,7 @@ impl ModelFile {
         let mut generators = BTreeMap::new();
         for direction in found.keys() {
             let mut weights = HashMap::new();
-            for (name, _) in metadata.architecture.parameters() {
+            for ParamSpec { name, .. } in metadata.architecture.parameters() {
                 let full = format!("{}.{name}", direction.prefix());
                 let view = st.tensor(&full).map_err(|e| classify_safetensors_error(bytes, e))?;
                 let tensor = match view.dtype() {
@@ -277,7 +277,7 @@ impl ModelFile {
         }
         let mut tensors = Vec::new();
         for (direction, weights) in generators {
-            let specs: Vec<ParamSpec> = weights.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+            let specs: Vec<ParamSpec> = weights.iter().map(|(n, t)| ParamSpec::new(n, t.dims())).collect();
             let problems =
                 check_parameters(&metadata.architecture, &specs, &format!("{}.", direction.prefix()));
             if !problems.is_empty() {
@@ -314,20 +314,13 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// The architecture in words; the same as `GeneratorConfig`'s `Display`.
-// TODO(lead, after merging): `model/import.rs` and `train/cli.rs` (not this branch's files)
-// still call this; make them print the config directly, then delete it.
-pub(crate) fn describe(cfg: &GeneratorConfig) -> String {
-    cfg.to_string()
-}
-
 /// Compares tensors found against those the architecture needs; one line per problem, each
 /// naming the tensor (with `prefix` in front, e.g. `G.`).
 pub(crate) fn check_parameters(cfg: &GeneratorConfig, found: &[ParamSpec], prefix: &str) -> Vec<String> {
-    let found: HashMap<&str, &Vec<usize>> = found.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let found: HashMap<&str, &Vec<usize>> = found.iter().map(|p| (p.name.as_str(), &p.shape)).collect();
     let expected = cfg.parameters();
     let mut problems = Vec::new();
-    for (name, shape) in &expected {
+    for ParamSpec { name, shape } in &expected {
         match found.get(name.as_str()) {
             None => problems.push(format!("missing tensor {prefix}{name} {shape:?}")),
             Some(actual) if *actual != shape => {
@@ -337,7 +330,7 @@ pub(crate) fn check_parameters(cfg: &GeneratorConfig, found: &[ParamSpec], prefi
         }
     }
     let mut unexpected: Vec<&str> =
-        found.keys().copied().filter(|n| !expected.iter().any(|(e, _)| e == n)).collect();
+        found.keys().copied().filter(|n| !expected.iter().any(|e| e.name == *n)).collect();
     unexpected.sort_unstable();
     problems.extend(unexpected.into_iter().map(|n| format!("unexpected tensor {prefix}{n}")));
     problems

@@ -3,18 +3,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::{Family, GeneratorConfig};
+use super::config::{Family, GeneratorConfig, GeneratorLayer};
 use super::conv::{Conv2d, ConvConfig, ConvTranspose2d};
 use super::layers::{reflection_pad, upsample_nearest2x, InstanceNorm};
-
-/// The 7×7 stem and head; reflection padding comes before them.
-const WIDE: ConvConfig = ConvConfig { kernel: 7, stride: 1, padding: 0 };
-/// The two halving stages.
-const DOWN: ConvConfig = ConvConfig { kernel: 3, stride: 2, padding: 1 };
-/// Residual-block convolutions; reflection padding comes before them.
-const BLOCK: ConvConfig = ConvConfig { kernel: 3, stride: 1, padding: 0 };
-/// The convolution after each nearest ×2 upsampling.
-const AFTER_UPSAMPLE: ConvConfig = ConvConfig { kernel: 3, stride: 1, padding: 1 };
 
 /// Conv, instance norm, ReLU: the downsampling stages.
 #[derive(Clone, Debug)]
@@ -39,14 +30,34 @@ struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    fn new(channels: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(config: &GeneratorConfig, block: usize, vb: &VarBuilder) -> Result<Self> {
+        let layer = |conv| GeneratorLayer::Block { block, conv };
         Ok(Self {
-            conv1: Conv2d::new(channels, channels, BLOCK, vb.pp("1"))?,
-            norm1: InstanceNorm::new(channels, affine, vb.pp("2"))?,
-            conv2: Conv2d::new(channels, channels, BLOCK, vb.pp("5"))?,
-            norm2: InstanceNorm::new(channels, affine, vb.pp("6"))?,
+            conv1: conv_at(config, layer(0), 1, 0, vb)?,
+            norm1: norm_at(config, layer(0), vb)?,
+            conv2: conv_at(config, layer(1), 1, 0, vb)?,
+            norm2: norm_at(config, layer(1), vb)?,
         })
     }
+}
+
+/// A layer's convolution, at the key config.rs names for it.
+fn conv_at(
+    config: &GeneratorConfig,
+    layer: GeneratorLayer,
+    stride: usize,
+    padding: usize,
+    vb: &VarBuilder,
+) -> Result<Conv2d> {
+    let (cin, cout) = config.channels(layer);
+    let kernel = config.weight_shape(layer)[3];
+    Conv2d::new(cin, cout, ConvConfig { kernel, stride, padding }, vb.pp(config.conv_key(layer)))
+}
+
+/// The instance norm after a layer's convolution (every layer but the head has one).
+fn norm_at(config: &GeneratorConfig, layer: GeneratorLayer, vb: &VarBuilder) -> Result<InstanceNorm> {
+    let Some(key) = config.norm_key(layer) else { candle_core::bail!("{layer:?} has no norm") };
+    InstanceNorm::new(config.channels(layer).1, config.norm_affine, vb.pp(key))
 }
 
 impl Module for ResidualBlock {
@@ -66,23 +77,16 @@ enum UpStage {
 }
 
 impl UpStage {
-    fn new(
-        family: Family,
-        cin: usize,
-        cout: usize,
-        affine: bool,
-        vb: &VarBuilder,
-        index: usize,
-    ) -> Result<Self> {
-        Ok(match family {
-            Family::Upsample => Self::NearestConv {
-                conv: Conv2d::new(cin, cout, AFTER_UPSAMPLE, vb.pp(index.to_string()))?,
-                norm: InstanceNorm::new(cout, affine, vb.pp((index + 1).to_string()))?,
-            },
-            Family::Transpose => Self::Transposed {
-                conv: ConvTranspose2d::new(cin, cout, vb.pp(index.to_string()))?,
-                norm: InstanceNorm::new(cout, affine, vb.pp((index + 1).to_string()))?,
-            },
+    fn new(config: &GeneratorConfig, stage: usize, vb: &VarBuilder) -> Result<Self> {
+        let layer = GeneratorLayer::Up(stage);
+        let norm = norm_at(config, layer, vb)?;
+        Ok(match config.family {
+            Family::Upsample => Self::NearestConv { conv: conv_at(config, layer, 1, 1, vb)?, norm },
+            Family::Transpose => {
+                let (cin, cout) = config.channels(layer);
+                let conv = ConvTranspose2d::new(cin, cout, vb.pp(config.conv_key(layer)))?;
+                Self::Transposed { conv, norm }
+            }
         })
     }
 }
@@ -111,29 +115,22 @@ pub struct Generator {
 impl Generator {
     /// `vb` must be positioned at the network (e.g. `vb.pp("G")`); keys below it are PyTorch's.
     pub fn new(config: GeneratorConfig, vb: VarBuilder) -> Result<Self> {
-        let GeneratorConfig { family, ngf, n_blocks, norm_affine: affine } = config;
-        let vb = vb.pp("model");
-        let idx = config.indices();
-        let at = |i: usize| vb.pp(i.to_string());
-        let down = |i: usize, cin: usize, cout: usize| -> Result<ConvNormRelu> {
+        let down = |i: usize| -> Result<ConvNormRelu> {
+            let layer = GeneratorLayer::Down(i);
             Ok(ConvNormRelu {
-                conv: Conv2d::new(cin, cout, DOWN, at(i))?,
-                norm: InstanceNorm::new(cout, affine, at(i + 1))?,
+                conv: conv_at(&config, layer, 2, 1, &vb)?,
+                norm: norm_at(&config, layer, &vb)?,
             })
         };
-        let blocks = (0..n_blocks)
-            .map(|b| ResidualBlock::new(4 * ngf, affine, at(idx.first_block + b).pp(family.block_name())))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            stem: Conv2d::new(3, ngf, WIDE, at(idx.stem))?,
-            stem_norm: InstanceNorm::new(ngf, affine, at(idx.stem + 1))?,
-            down: [down(idx.down[0], ngf, 2 * ngf)?, down(idx.down[1], 2 * ngf, 4 * ngf)?],
-            blocks,
-            up: [
-                UpStage::new(family, 4 * ngf, 2 * ngf, affine, &vb, idx.up[0])?,
-                UpStage::new(family, 2 * ngf, ngf, affine, &vb, idx.up[1])?,
-            ],
-            head: Conv2d::new(ngf, 3, WIDE, at(idx.head))?,
+            stem: conv_at(&config, GeneratorLayer::Stem, 1, 0, &vb)?,
+            stem_norm: norm_at(&config, GeneratorLayer::Stem, &vb)?,
+            down: [down(0)?, down(1)?],
+            blocks: (0..config.n_blocks)
+                .map(|block| ResidualBlock::new(&config, block, &vb))
+                .collect::<Result<Vec<_>>>()?,
+            up: [UpStage::new(&config, 0, &vb)?, UpStage::new(&config, 1, &vb)?],
+            head: conv_at(&config, GeneratorLayer::Head, 1, 0, &vb)?,
         })
     }
 }

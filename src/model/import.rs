@@ -1,115 +1,30 @@
-//! Importing PyTorch generator checkpoints (`.pth`, zip format) into our model file.
+//! Importing PyTorch generator checkpoints (`.pth` zip, or a state_dict saved as
+//! `.safetensors`) into our model file.
 //!
-//! Both reference code bases save a bare `state_dict`; some tools wrap it in a dict under
-//! `state_dict`. The architecture is not stored in either, so it is inferred from key names and
-//! shapes and then every key is checked against what that architecture needs.
+//! A checkpoint may be a bare state_dict, a dict holding one (`state_dict`, `model`, …), saved
+//! from `nn.DataParallel` (`module.`), or one holding both generators under two prefixes
+//! (`netG_A.`/`netG_B.`, `G_AB.`/`G_BA.`, `genA2B.`/`genB2A.`). [`super::checkpoint`] reads the
+//! tensors with bounded work; [`super::layout`] recognises each generator from its shapes and
+//! module order and maps it onto our key names.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::pickle::PthTensors;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::config::{Family, GeneratorConfig, ParamSpec};
-use super::file::{check_parameters, describe, Direction, Domains, ModelFile, ModelMetadata};
+use super::checkpoint::read_tensors;
+use super::config::GeneratorConfig;
+use super::file::{Direction, Domains, ModelFile, ModelMetadata};
+use super::layout::{find_generators, FoundGenerator};
 use super::ModelError;
 
-/// Buffers that PyTorch 0.3-era InstanceNorm layers saved; they are never used by instance norm
-/// without running statistics, which is what both code bases run.
-const IGNORED_SUFFIXES: [&str; 3] = [".running_mean", ".running_var", ".num_batches_tracked"];
-
-/// One generator read from a checkpoint, with the architecture its keys imply.
+/// One generator read from a checkpoint, with the architecture its tensors imply.
 #[derive(Debug)]
 pub struct ImportedGenerator {
     pub config: GeneratorConfig,
     pub weights: HashMap<String, Tensor>,
-}
-
-/// Reads a `.pth` generator checkpoint and maps it onto our architecture.
-pub fn read_checkpoint(path: &Path) -> Result<ImportedGenerator, ModelError> {
-    let fail = |reason: String| ModelError::Import { path: path.to_path_buf(), reason };
-    let open = |key| {
-        PthTensors::new(path, key).map_err(|e| match std::fs::metadata(path) {
-            Err(io) => fail(io.to_string()),
-            Ok(_) => fail(format!(
-                "not a zip-format PyTorch checkpoint ({e}); re-save it with torch.save from PyTorch 1.6 or later"
-            )),
-        })
-    };
-    let mut pth = open(None)?;
-    if pth.tensor_infos().is_empty() {
-        pth = open(Some("state_dict"))?;
-    }
-    if pth.tensor_infos().is_empty() {
-        return Err(fail(
-            "no tensors found: expected a state_dict, or a dict holding one under `state_dict`".into(),
-        ));
-    }
-
-    let mut weights = HashMap::new();
-    for name in pth.tensor_infos().keys() {
-        if IGNORED_SUFFIXES.iter().any(|s| name.ends_with(s)) {
-            continue;
-        }
-        let tensor = pth
-            .get(name)
-            .map_err(|e| fail(format!("cannot read tensor {name}: {e}")))?
-            .ok_or_else(|| fail(format!("cannot read tensor {name}")))?;
-        // Checkpoints saved from nn.DataParallel carry a `module.` prefix.
-        let key = name.strip_prefix("module.").unwrap_or(name).to_string();
-        weights.insert(key, tensor.to_dtype(DType::F32)?);
-    }
-    let specs: Vec<ParamSpec> = weights.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
-    let config = infer_config(&specs).map_err(fail)?;
-    let problems = check_parameters(&config, &specs, "");
-    if !problems.is_empty() {
-        return Err(fail(format!(
-            "its keys do not fit the generator they suggest ({}): {}",
-            describe(&config),
-            problems.join("; ")
-        )));
-    }
-    Ok(ImportedGenerator { config, weights })
-}
-
-/// Infers family, ngf, block count and norm affinity from PyTorch key names and shapes.
-pub fn infer_config(params: &[ParamSpec]) -> Result<GeneratorConfig, String> {
-    let shape = |key: &str| params.iter().find(|(n, _)| n == key).map(|(_, s)| s.as_slice());
-    let ngf = match shape("model.1.weight") {
-        Some([ngf, 3, 7, 7]) => *ngf,
-        Some(other) => {
-            return Err(format!(
-                "model.1.weight is {other:?}, expected [ngf, 3, 7, 7]: not a CycleGAN ResNet generator for RGB images"
-            ))
-        }
-        None => {
-            let keys: Vec<&str> = params.iter().take(5).map(|(n, _)| n.as_str()).collect();
-            return Err(format!(
-                "no model.1.weight: not a CycleGAN ResNet generator (first keys: {})",
-                keys.join(", ")
-            ));
-        }
-    };
-    let mut blocks: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for (name, _) in params {
-        let parts: Vec<&str> = name.split('.').collect();
-        if let ["model", index, block @ ("block" | "conv_block"), ..] = parts.as_slice() {
-            blocks.entry(*block).or_default().insert(*index);
-        }
-    }
-    let (family, n_blocks) = match (blocks.get("block"), blocks.get("conv_block")) {
-        (Some(_), Some(_)) => {
-            return Err("keys name residual blocks both `block` (upsample family) and `conv_block` \
-                        (transpose family)"
-                .into())
-        }
-        (Some(b), None) => (Family::Upsample, b.len()),
-        (None, Some(b)) => (Family::Transpose, b.len()),
-        // No residual blocks: a transposed conv sits right after the bottleneck at index 10.
-        (None, None) if shape("model.10.weight").is_some() => (Family::Transpose, 0),
-        (None, None) => (Family::Upsample, 0),
-    };
-    Ok(GeneratorConfig { family, ngf, n_blocks, norm_affine: shape("model.2.weight").is_some() })
+    /// Where it came from and how its code laid it out, in words.
+    pub layout: String,
 }
 
 /// What `cycleserve import` did.
@@ -117,9 +32,79 @@ pub fn infer_config(params: &[ParamSpec]) -> Result<GeneratorConfig, String> {
 pub struct ImportReport {
     pub metadata: ModelMetadata,
     pub directions: Vec<Direction>,
+    /// What was dropped or skipped on the way, one line each.
+    pub notes: Vec<String>,
 }
 
-/// Imports one or two generator checkpoints into a model file at `out`.
+/// A checkpoint's generators with what was left out of them.
+struct Found {
+    generators: Vec<FoundGenerator>,
+    notes: Vec<String>,
+}
+
+fn read(path: &Path) -> Result<Found, ModelError> {
+    let fail = |reason: String| ModelError::Import { path: path.to_path_buf(), reason };
+    let tensors = read_tensors(path).map_err(fail)?;
+    let (generators, mut notes) = find_generators(tensors).map_err(fail)?;
+    let file = file_name(path);
+    for g in &generators {
+        if g.dropped > 0 {
+            notes.push(format!(
+                "{file}: dropped {} running-statistics buffers of {} (old PyTorch versions saved them; instance norm never uses them)",
+                g.dropped,
+                prefix_name(&g.prefix)
+            ));
+        }
+    }
+    notes.iter_mut().filter(|n| !n.starts_with(&file)).for_each(|n| *n = format!("{file}: {n}"));
+    Ok(Found { generators, notes })
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn prefix_name(prefix: &str) -> String {
+    match prefix {
+        "" => "the state_dict".into(),
+        p => format!("`{}`", p.trim_end_matches('.')),
+    }
+}
+
+fn imported(found: FoundGenerator, path: &Path) -> ImportedGenerator {
+    let at = match found.prefix.as_str() {
+        "" => String::new(),
+        p => format!(" under {p}"),
+    };
+    ImportedGenerator {
+        config: found.config,
+        weights: found.weights.into_iter().collect(),
+        layout: format!("{}{at}: {}", file_name(path), found.layout),
+    }
+}
+
+/// Reads a checkpoint that holds one generator and maps it onto our architecture.
+pub fn read_checkpoint(path: &Path) -> Result<ImportedGenerator, ModelError> {
+    Ok(read_single(path)?.0)
+}
+
+fn read_single(path: &Path) -> Result<(ImportedGenerator, Vec<String>), ModelError> {
+    let Found { mut generators, notes } = read(path)?;
+    if generators.len() > 1 {
+        let prefixes: Vec<String> = generators.iter().map(|g| prefix_name(&g.prefix)).collect();
+        return Err(ModelError::Import {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it holds {} generators ({}): import it with --checkpoint, which takes both",
+                generators.len(),
+                prefixes.join(", ")
+            ),
+        });
+    }
+    Ok((imported(generators.remove(0), path), notes))
+}
+
+/// Imports one or two single-generator checkpoints into a model file at `out`.
 pub fn import(
     x2y: &Path,
     y2x: Option<&Path>,
@@ -128,40 +113,130 @@ pub fn import(
 ) -> Result<ImportReport, ModelError> {
     let mut sources = vec![(Direction::XtoY, x2y)];
     sources.extend(y2x.map(|p| (Direction::YtoX, p)));
-    let mut generators = BTreeMap::new();
-    let mut config: Option<GeneratorConfig> = None;
-    for (direction, path) in &sources {
-        let imported = read_checkpoint(path)?;
-        if let Some(first) = config.filter(|c| *c != imported.config) {
+    let mut generators = Vec::new();
+    let mut notes = Vec::new();
+    for (direction, path) in sources {
+        let (generator, more) = read_single(path)?;
+        generators.push((direction, path, generator));
+        notes.extend(more);
+    }
+    write(generators, domains, out, notes)
+}
+
+/// Imports a checkpoint that holds both generators (or one) into a model file at `out`.
+///
+/// Which one maps X→Y is read from their prefixes (`A`→`B` before `B`→`A`, `G` before `F`);
+/// `swap` flips it.
+pub fn import_combined(
+    checkpoint: &Path,
+    swap: bool,
+    domains: Domains,
+    out: &Path,
+) -> Result<ImportReport, ModelError> {
+    let fail = |reason: String| ModelError::Import { path: checkpoint.to_path_buf(), reason };
+    let Found { mut generators, mut notes } = read(checkpoint)?;
+    if generators.len() > 2 {
+        let prefixes: Vec<String> = generators.iter().map(|g| prefix_name(&g.prefix)).collect();
+        return Err(fail(format!(
+            "it holds {} generators ({}); expected one or two",
+            generators.len(),
+            prefixes.join(", ")
+        )));
+    }
+    if generators.len() == 2 && x2y_comes_second(&generators[0].prefix, &generators[1].prefix) {
+        generators.swap(0, 1);
+    }
+    if swap {
+        generators.reverse();
+    }
+    let named: Vec<String> = generators.iter().map(|g| prefix_name(&g.prefix)).collect();
+    match named.as_slice() {
+        [x2y, y2x] => notes.push(format!("{x2y} is x2y, {y2x} is y2x (--swap flips them)")),
+        [x2y] => notes.push(format!("{x2y} is x2y; the checkpoint has no second generator")),
+        _ => {}
+    }
+    let generators = Direction::BOTH
+        .into_iter()
+        .zip(generators)
+        .map(|(d, g)| (d, checkpoint, imported(g, checkpoint)))
+        .collect();
+    write(generators, domains, out, notes)
+}
+
+/// Whether the second of two generator prefixes is the X→Y one: `G` (ours) before `F`, and
+/// otherwise the one whose distinguishing part sorts first (`A` < `B`, `AB` < `BA`, `A2B` < `B2A`).
+fn x2y_comes_second(a: &str, b: &str) -> bool {
+    let bare =
+        |p: &str| p.split('.').filter(|s| !s.is_empty() && *s != "module").collect::<Vec<_>>().join(".");
+    let (a, b) = (bare(a), bare(b));
+    if (a.as_str(), b.as_str()) == ("F", "G") {
+        return true;
+    }
+    if (a.as_str(), b.as_str()) == ("G", "F") {
+        return false;
+    }
+    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    a.as_bytes()[common..] > b.as_bytes()[common..]
+}
+
+fn write(
+    generators: Vec<(Direction, &Path, ImportedGenerator)>,
+    domains: Domains,
+    out: &Path,
+    notes: Vec<String>,
+) -> Result<ImportReport, ModelError> {
+    let first = generators[0].2.config;
+    for (_, path, g) in &generators {
+        if g.config != first {
             return Err(ModelError::Import {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "its architecture ({}) differs from the x2y checkpoint's ({}); one model file holds one architecture",
-                    describe(&imported.config),
-                    describe(&first)
+                    "its architecture ({}) differs from the x2y generator's ({}); one model file holds one architecture",
+                    g.config,
+                    first
                 ),
             });
         }
-        config = Some(imported.config);
-        generators.insert(*direction, imported.weights);
     }
-    let source = sources
-        .iter()
-        .map(|(d, p)| format!("{d}: {}", p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let joined = |part: &dyn Fn(&Path, &ImportedGenerator) -> String| {
+        generators.iter().map(|(d, p, g)| format!("{d}: {}", part(p, g))).collect::<Vec<_>>().join("; ")
+    };
+    let source = joined(&|p, _| file_name(p));
+    let layout = joined(&|_, g| g.layout.clone());
     let metadata = ModelMetadata {
-        architecture: config.expect("at least the x2y checkpoint was read"),
+        architecture: first,
         domains,
         provenance: BTreeMap::from([
             ("producer".to_string(), format!("cycleserve import {}", env!("CARGO_PKG_VERSION"))),
             ("source".to_string(), source),
+            ("source_layout".to_string(), layout),
             (
                 "created".to_string(),
                 humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             ),
         ]),
     };
-    ModelFile::save(out, &metadata, &generators)?;
-    Ok(ImportReport { metadata, directions: generators.keys().copied().collect() })
+    let weights: BTreeMap<Direction, HashMap<String, Tensor>> =
+        generators.into_iter().map(|(d, _, g)| (d, g.weights)).collect();
+    ModelFile::save(out, &metadata, &weights)?;
+    Ok(ImportReport { metadata, directions: weights.keys().copied().collect(), notes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::x2y_comes_second;
+
+    #[test]
+    fn the_a_to_b_generator_is_x2y_whatever_the_naming() {
+        for (x2y, y2x) in [
+            ("netG_A.", "netG_B."),
+            ("G_AB.", "G_BA."),
+            ("genA2B.module.", "genB2A.module."),
+            ("netG_A2B.", "netG_B2A."),
+            ("G.", "F."),
+        ] {
+            assert!(!x2y_comes_second(x2y, y2x), "{x2y} {y2x}");
+            assert!(x2y_comes_second(y2x, x2y), "{y2x} {x2y}");
+        }
+    }
 }

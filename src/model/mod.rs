@@ -9,6 +9,7 @@
 //! - [`file`]: the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
 //! - here: [`Model`], a loaded file with a ready generator per direction, and [`ModelError`].
 
+pub mod checkpoint;
 pub mod config;
 pub mod conv;
 pub mod discriminator;
@@ -18,6 +19,8 @@ pub mod gemm;
 pub mod generator;
 pub mod import;
 pub mod layers;
+pub mod layout;
+pub mod pickle;
 pub mod pixels;
 
 use std::collections::BTreeMap;

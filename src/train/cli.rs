@@ -197,7 +197,7 @@ fn run_export(args: ExportArgs) -> anyhow::Result<()> {
         "wrote {} ({} steps, {})",
         args.out.display(),
         meta.provenance["steps"],
-        crate::model::file::describe(&meta.architecture)
+        meta.architecture
     );
     Ok(())
 }

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::config::{Family, GeneratorConfig};
+use super::config::{Family, GeneratorConfig, GeneratorLayer};
 use gemm_conv::GemmConv;
 use nhwc::{instance_norm, pad, upsample2x_zero_pad1, After, Border, Nhwc};
 use winograd::WinogradConv;
@@ -58,73 +58,54 @@ impl FastGenerator {
                 None => candle_core::bail!("missing weight {name}"),
             }
         };
-        let norm = |prefix: &str| -> Result<NormParams> {
-            if config.norm_affine {
-                Ok(Some((get(&format!("{prefix}.weight"))?, get(&format!("{prefix}.bias"))?)))
-            } else {
-                Ok(None)
+        // Key names come from the config, so they cannot drift from the candle network's.
+        let weight = |layer: GeneratorLayer| get(&format!("{}.weight", config.conv_key(layer)));
+        let bias = |layer: GeneratorLayer| get(&format!("{}.bias", config.conv_key(layer)));
+        let norm = |layer: GeneratorLayer| -> Result<NormParams> {
+            match config.norm_key(layer).filter(|_| config.norm_affine) {
+                Some(key) => Ok(Some((get(&format!("{key}.weight"))?, get(&format!("{key}.bias"))?))),
+                None => Ok(None),
             }
         };
-        let ngf = config.ngf;
-        let idx = config.indices();
-        let conv = |i: &str, cout: usize, cin: usize, k: usize, stride: usize| -> Result<GemmConv> {
-            Ok(GemmConv::conv(
-                &get(&format!("model.{i}.weight"))?,
-                &get(&format!("model.{i}.bias"))?,
-                cout,
-                cin,
-                k,
-                stride,
-            ))
+        let conv = |layer: GeneratorLayer, stride: usize| -> Result<GemmConv> {
+            let [cout, cin, k, _] = config.weight_shape(layer);
+            Ok(GemmConv::conv(&weight(layer)?, &bias(layer)?, cout, cin, k, stride))
         };
-        let winograd = |i: &str, cout: usize, cin: usize| -> Result<WinogradConv> {
-            Ok(WinogradConv::new(
-                &get(&format!("model.{i}.weight"))?,
-                &get(&format!("model.{i}.bias"))?,
-                cout,
-                cin,
-            ))
+        let winograd = |layer: GeneratorLayer| -> Result<WinogradConv> {
+            let (cin, cout) = config.channels(layer);
+            Ok(WinogradConv::new(&weight(layer)?, &bias(layer)?, cout, cin))
         };
-        let stem = (conv(&idx.stem.to_string(), ngf, 3, 7, 1)?, norm(&format!("model.{}", idx.stem + 1))?);
-        let down = [
-            (
-                conv(&idx.down[0].to_string(), 2 * ngf, ngf, 3, 2)?,
-                norm(&format!("model.{}", idx.down[0] + 1))?,
-            ),
-            (
-                conv(&idx.down[1].to_string(), 4 * ngf, 2 * ngf, 3, 2)?,
-                norm(&format!("model.{}", idx.down[1] + 1))?,
-            ),
-        ];
-        let block_name = config.family.block_name();
+        let stem = (conv(GeneratorLayer::Stem, 1)?, norm(GeneratorLayer::Stem)?);
+        let down =
+            |i| -> Result<_> { Ok((conv(GeneratorLayer::Down(i), 2)?, norm(GeneratorLayer::Down(i))?)) };
         let blocks = (0..config.n_blocks)
-            .map(|b| -> Result<_> {
-                let at = |layer: usize| format!("{}.{block_name}.{layer}", idx.first_block + b);
-                Ok([
-                    (winograd(&at(1), 4 * ngf, 4 * ngf)?, norm(&format!("model.{}", at(2)))?),
-                    (winograd(&at(5), 4 * ngf, 4 * ngf)?, norm(&format!("model.{}", at(6)))?),
-                ])
+            .map(|block| -> Result<_> {
+                let layer = |conv| GeneratorLayer::Block { block, conv };
+                Ok([(winograd(layer(0))?, norm(layer(0))?), (winograd(layer(1))?, norm(layer(1))?)])
             })
             .collect::<Result<Vec<_>>>()?;
         let up_stage = |stage: usize| -> Result<(Upsampling, NormParams)> {
-            let (i, cin, cout) = (idx.up[stage], (4 * ngf) >> stage, (2 * ngf) >> stage);
+            let layer = GeneratorLayer::Up(stage);
             let upsampling = match config.family {
-                Family::Upsample => Upsampling::Nearest(winograd(&i.to_string(), cout, cin)?),
-                Family::Transpose => Upsampling::Transposed(GemmConv::transposed_phases(
-                    &get(&format!("model.{i}.weight"))?,
-                    &get(&format!("model.{i}.bias"))?,
-                    cin,
-                    cout,
-                )),
+                Family::Upsample => Upsampling::Nearest(winograd(layer)?),
+                Family::Transpose => {
+                    let (cin, cout) = config.channels(layer);
+                    Upsampling::Transposed(GemmConv::transposed_phases(
+                        &weight(layer)?,
+                        &bias(layer)?,
+                        cin,
+                        cout,
+                    ))
+                }
             };
-            Ok((upsampling, norm(&format!("model.{}", i + 1))?))
+            Ok((upsampling, norm(layer)?))
         };
         Ok(Self {
             stem,
-            down,
+            down: [down(0)?, down(1)?],
             blocks,
             up: [up_stage(0)?, up_stage(1)?],
-            head: conv(&idx.head.to_string(), 3, ngf, 7, 1)?,
+            head: conv(GeneratorLayer::Head, 1)?,
         })
     }
 
