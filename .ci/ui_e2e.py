@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The try-it page at `/` in headless Chromium, end to end, against a running server.
 
-Opens the page, picks a direction, uploads a photo, waits for the result and checks its size and
-that it differs from the input; then uploads a file that is not an image and checks the error
-shown. Screenshots of each state go to OUT_DIR. Uses the system's chromium and chromedriver
+Opens the page, picks a direction, uploads a photo, waits for the result and checks its size, that
+it differs from the input and the timings shown; compares the two by keyboard; then uploads a file
+that is not an image and checks the error shown; finally checks a phone-width, dark-scheme view and
+that the browser logged no Content-Security-Policy violation. Screenshots of each state go to OUT_DIR. Uses the system's chromium and chromedriver
 (Debian `chromium`, `chromium-driver`); nothing is downloaded.
 
 Usage: ui_e2e.py BASE_URL DIRECTION PHOTO OUT_DIR
@@ -15,6 +16,7 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 CHROMIUM_FLAGS = [
@@ -108,6 +110,21 @@ def translate_photo(driver, photo, out_dir):
     print(f"result: {size[0]}x{size[1]}, mean difference {difference:.1f} levels; {timings!r}")
 
 
+def wipe_by_keyboard(driver):
+    """Tab from "Side by side" to "Wipe", press Enter, move the slider with the arrow keys."""
+    driver.find_element(By.ID, "view-side").send_keys(Keys.TAB)
+    focused = driver.switch_to.active_element
+    check(focused.get_attribute("id") == "view-wipe", "Tab does not reach the Wipe button")
+    focused.send_keys(Keys.ENTER)
+    check(visible(driver, "wipe") and not visible(driver, "side"), "Enter on Wipe did not switch the view")
+    slider = driver.find_element(By.ID, "wipe-position")
+    for _ in range(10):
+        slider.send_keys(Keys.ARROW_LEFT)
+    clip = driver.execute_script("return document.getElementById('wipe-result').style.clipPath")
+    check(clip == "inset(0px 60% 0px 0px)", f"the slider at 40 clips the result as {clip!r}")
+    driver.find_element(By.ID, "view-side").click()
+
+
 def upload_non_image(driver, out_dir):
     with tempfile.TemporaryDirectory() as scratch:
         notes = Path(scratch) / "notes.txt"
@@ -143,6 +160,7 @@ def main():
             chosen = choose_direction(driver, direction)
             print(f"chose {chosen}")
             translate_photo(driver, photo, out_dir)
+            wipe_by_keyboard(driver)
             upload_non_image(driver, out_dir)
             phone_and_dark_screenshots(driver, out_dir)
             blocked = [e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
