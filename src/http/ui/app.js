@@ -281,13 +281,18 @@ function init() {
   $("retry").addEventListener("click", translate);
   $("file").addEventListener("change", (event) => chooseFile(event.target.files[0]));
 
+  // The whole page takes a drop, so a near miss never navigates away to the file itself.
   const drop = $("drop");
-  drop.addEventListener("dragover", (event) => {
+  document.addEventListener("dragover", (event) => {
     event.preventDefault();
     drop.classList.add("dragging");
   });
-  drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));
-  drop.addEventListener("drop", (event) => {
+  document.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) {
+      drop.classList.remove("dragging");
+    }
+  });
+  document.addEventListener("drop", (event) => {
     event.preventDefault();
     drop.classList.remove("dragging");
     chooseFile(firstImageFile(event.dataTransfer.files));
