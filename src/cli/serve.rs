@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight requests after SIGTERM before exiting anyway.
     #[arg(long, env = "CYCLESERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Serve the try-it web page at `/` (`--ui false` leaves `/` a 404).
+    #[arg(long, env = "CYCLESERVE_UI", default_value_t = true, action = clap::ArgAction::Set)]
+    ui: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -123,6 +126,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Uploads and queueing are covered by the engine's deadline; this only catches the rest.
         request_timeout: request_timeout + Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        ui: args.ui,
     };
     http::server::serve(state, server_config).await
 }

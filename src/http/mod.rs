@@ -7,6 +7,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
+pub mod ui;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -36,4 +37,6 @@ pub struct ServerConfig {
     /// Backstop for a whole request, body upload included (the engine's own deadline is shorter).
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Serve the try-it page at `/` (and its assets under `/ui/`).
+    pub ui: bool,
 }

@@ -20,7 +20,7 @@ use tracing::Level;
 use super::error::ApiError;
 use super::extract::MULTIPART_OVERHEAD;
 use super::handlers;
-use super::{metrics, shutdown, AppState, ServerConfig};
+use super::{metrics, shutdown, ui, AppState, ServerConfig};
 
 /// All routes with their middleware.
 pub fn router(state: AppState, config: &ServerConfig) -> Router {
@@ -39,6 +39,7 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{name}", get(handlers::model))
         .route("/openapi.yaml", get(handlers::openapi))
+        .merge(if config.ui { ui::routes() } else { Router::new() })
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state);
