@@ -32,7 +32,8 @@ fn dataset(dir: &Path) {
     std::fs::write(dir.join("trainA/notes.txt"), "not an image").unwrap();
 }
 
-const TINY: [&str; 16] = [
+/// Tiny networks on tiny crops, on the CPU.
+const TINY: [&str; 12] = [
     "--ngf",
     "4",
     "--blocks",
@@ -43,15 +44,18 @@ const TINY: [&str; 16] = [
     "40",
     "--crop-size",
     "32",
-    "--epochs",
-    "1",
-    "--epochs-decay",
-    "1",
     "--device",
     "cpu",
 ];
+/// One epoch at the initial rate, one of decay.
+const SHORT: [&str; 4] = ["--epochs", "1", "--epochs-decay", "1"];
 
+/// Trains tiny networks on the short schedule.
 fn train(data: &Path, out: &Path, extra: &[&str]) {
+    train_tiny(data, out, &[&SHORT, extra].concat());
+}
+
+fn train_tiny(data: &Path, out: &Path, extra: &[&str]) {
     let mut args = vec!["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend(TINY);
     args.extend(extra);
@@ -231,7 +235,16 @@ fn export_serves_and_bad_setups_fail_clearly() {
     assert!(recipe.get("x_dir").is_none(), "{recipe}");
     let renamed = dir.path().join("renamed.safetensors");
     let run = run_dir.to_str().unwrap();
-    let out = cycletrain(&["export", run, "--out", renamed.to_str().unwrap(), "--domains", "a,b", "--dataset-name", "crops"]);
+    let out = cycletrain(&[
+        "export",
+        run,
+        "--out",
+        renamed.to_str().unwrap(),
+        "--domains",
+        "a,b",
+        "--dataset-name",
+        "crops",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let meta = cycleserve::model::ModelFile::load(&renamed, &Device::Cpu).unwrap().metadata;
     assert_eq!(meta.provenance["dataset"], "crops");
@@ -284,10 +297,14 @@ fn spawn_train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-/// Polls until `done` holds (a guard against hanging forever, not a timing assumption).
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+/// Polls until `done` holds while the child lives (the deadline guards against hanging forever;
+/// it is no timing assumption).
+fn wait_until(child: &mut std::process::Child, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     while !done() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before {what}");
+        }
         assert!(std::time::Instant::now() < deadline, "gave up waiting until {what}");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -300,10 +317,10 @@ fn signal(child: &std::process::Child, signal: i32) {
 
 /// Stops the child (SIGSTOP) and waits until the kernel reports it stopped: from then on,
 /// signals sent to it stay pending until SIGCONT.
-fn freeze(child: &std::process::Child) {
+fn freeze(child: &mut std::process::Child) {
     signal(child, libc::SIGSTOP);
     let stat = format!("/proc/{}/stat", child.id());
-    wait_until("the run is stopped", || {
+    wait_until(child, "the run is stopped", || {
         let text = std::fs::read_to_string(&stat).unwrap();
         text[text.rfind(')').unwrap() + 1..].trim_start().starts_with('T')
     });
@@ -318,12 +335,12 @@ fn sigterm_stops_after_the_current_step_with_a_checkpoint_and_the_resumed_run_is
     let schedule =
         ["--epochs", "10", "--epochs-decay", "10", "--save-every", "1000", "--sample-every", "1000"];
     let straight = dir.path().join("straight");
-    train(&data, &straight, &schedule);
+    train_tiny(&data, &straight, &schedule);
 
     let interrupted = dir.path().join("interrupted");
     let mut child = spawn_train(&data, &interrupted, &schedule);
-    wait_until("the run logs step 2", || logged_steps(&interrupted).len() >= 2);
-    freeze(&child);
+    wait_until(&mut child, "the run logs step 2", || logged_steps(&interrupted).len() >= 2);
+    freeze(&mut child);
     let logged_before_signal = logged_steps(&interrupted).len() as u64;
     signal(&child, libc::SIGTERM);
     signal(&child, libc::SIGCONT);
@@ -364,8 +381,8 @@ fn a_second_signal_exits_at_once() {
     dataset(&data);
     let out = dir.path().join("run");
     let mut child = spawn_train(&data, &out, &["--epochs", "1000", "--save-every", "1000000"]);
-    wait_until("the run logs step 1", || !logged_steps(&out).is_empty());
-    freeze(&child);
+    wait_until(&mut child, "the run logs step 1", || !logged_steps(&out).is_empty());
+    freeze(&mut child);
     // Both pending on the main thread when it resumes: handled one after the other, before it
     // runs any more of the training loop.
     for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -386,7 +403,7 @@ fn a_second_run_on_a_directory_is_refused_while_the_first_lives() {
     let out = dir.path().join("run");
     let mut first = spawn_train(&data, &out, &["--epochs", "1000", "--save-every", "1000000"]);
     let pid = first.id().to_string();
-    wait_until("the first run holds the lock", || {
+    wait_until(&mut first, "the first run holds the lock", || {
         std::fs::read_to_string(out.join("cycletrain.lock")).is_ok_and(|s| s.trim() == pid)
     });
 
@@ -400,6 +417,7 @@ fn a_second_run_on_a_directory_is_refused_while_the_first_lives() {
     // A run that dies without cleaning up leaves the file, but not the lock.
     first.kill().unwrap();
     first.wait().unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("cycletrain.lock")).unwrap().trim(), pid);
     train(&data, &out, &["--max-steps", "1"]);
     assert_eq!(checkpoint_step(&out.join("checkpoint.safetensors")), 1);
 }

@@ -219,9 +219,10 @@ mod tests {
             assert!(ticks.top() >= max);
         }
         let ticks = Ticks::covering(0.26, 6);
-        assert_eq!(ticks.values().map(|v| ticks.label(v)).collect::<Vec<_>>(), [
-            "0.00", "0.05", "0.10", "0.15", "0.20", "0.25", "0.30"
-        ]);
+        assert_eq!(
+            ticks.values().map(|v| ticks.label(v)).collect::<Vec<_>>(),
+            ["0.00", "0.05", "0.10", "0.15", "0.20", "0.25", "0.30"]
+        );
         assert_eq!(Ticks::covering(3108.0, 10).label(1500.0), "1500");
     }
 

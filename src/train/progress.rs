@@ -21,7 +21,9 @@ pub struct ProgressReport {
 enum View {
     /// The span that owns the bar; dropping it removes the bar.
     Bar(tracing::Span),
-    Lines { previous: Option<LineMark> },
+    Lines {
+        previous: Option<LineMark>,
+    },
 }
 
 /// When the previous progress line was written, and at which step.

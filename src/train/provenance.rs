@@ -49,8 +49,11 @@ mod tests {
         for sub in ["data/trainA", "data/trainB", "runs/mine"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        let label =
-            dataset_label(&dir.path().join("data/trainA"), &dir.path().join("data/trainB"), &dir.path().join("runs/mine"));
+        let label = dataset_label(
+            &dir.path().join("data/trainA"),
+            &dir.path().join("data/trainB"),
+            &dir.path().join("runs/mine"),
+        );
         assert_eq!(label, "X: ../../data/trainA; Y: ../../data/trainB");
         let gone = dataset_label(Path::new("/nowhere/trainA"), Path::new("/nowhere/trainB"), dir.path());
         assert_eq!(gone, "X: trainA; Y: trainB");

@@ -77,8 +77,12 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
         to_step = last_step,
         "training"
     );
-    let mut progress =
-        ProgressReport::start(options.progress, trainer.progress.global_step, last_step, config.total_epochs());
+    let mut progress = ProgressReport::start(
+        options.progress,
+        trainer.progress.global_step,
+        last_step,
+        config.total_epochs(),
+    );
 
     // Reaching the last step ends the run at once, unless that step completed its epoch: then the
     // epoch is finished first, so the checkpoint counts it (also for a run saved before this rule).

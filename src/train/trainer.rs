@@ -259,10 +259,9 @@ impl Checkpoint {
             std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("{} is not a cycletrain checkpoint", path.display()))?;
-        let state_json =
-            header.metadata().as_ref().and_then(|m| m.get("cycletrain")).with_context(|| {
-                format!("{} is not a cycletrain checkpoint (no training state)", path.display())
-            })?;
+        let state_json = header.metadata().as_ref().and_then(|m| m.get("cycletrain")).with_context(|| {
+            format!("{} is not a cycletrain checkpoint (no training state)", path.display())
+        })?;
         let state: CheckpointState = serde_json::from_str(state_json).with_context(|| {
             format!(
                 "cannot read the training state of {} (checkpoints written before the state's \
@@ -291,5 +290,10 @@ pub fn checkpoint_generators(path: &Path) -> anyhow::Result<CheckpointGenerators
     let strip = |prefix: &str| -> HashMap<String, Tensor> {
         tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone()))).collect()
     };
-    Ok(CheckpointGenerators { config: state.config, progress: state.progress, g: strip("G."), f: strip("F.") })
+    Ok(CheckpointGenerators {
+        config: state.config,
+        progress: state.progress,
+        g: strip("G."),
+        f: strip("F."),
+    })
 }
