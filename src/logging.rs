@@ -65,7 +65,8 @@ fn install(args: &LogArgs, bars: bool) -> bool {
         Some(layer) => BoxMakeWriter::new(layer.get_stderr_writer()),
         None => BoxMakeWriter::new(std::io::stderr),
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    // Colour codes only for a terminal, not for log files.
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(std::io::stderr().is_terminal());
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match args.log_format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
