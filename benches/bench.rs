@@ -212,6 +212,7 @@ fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Re
         let config = TrainConfig {
             x_dir: "unused".into(),
             y_dir: "unused".into(),
+            dataset: None,
             generator: GeneratorConfig {
                 family: Family::Upsample,
                 ngf,

@@ -1,14 +1,19 @@
 //! cycleserve: CycleGAN style transfer as a service, on candle.
 //!
 //! - [`model`]: the networks, their model files and the PyTorch import;
-//! - [`engine`]: decoding, batching, inference and encoding;
+//! - [`engine`]: admission under a memory budget, decoding, batching, inference and encoding;
+//! - [`http`]: the axum service over the engine (routes, errors, metrics, the web page);
+//! - [`memory`]: byte sizes, the default memory budget, and how freed buffers are returned;
+//! - [`device`]: choosing the CPU or a CUDA device;
 //! - [`train`]: CycleGAN training (`cycletrain`);
-//! - [`cli`]: the `cycleserve` command line.
+//! - [`cli`]: the `cycleserve` command line;
+//! - [`logging`]: log lines (and the trainer's progress bars) for both binaries.
 
 pub mod cli;
 pub mod device;
 pub mod engine;
 pub mod http;
+pub mod logging;
 pub mod memory;
 pub mod model;
 pub mod train;

@@ -32,6 +32,7 @@ fn golden_config() -> TrainConfig {
     TrainConfig {
         x_dir: "unused".into(),
         y_dir: "unused".into(),
+        dataset: None,
         generator: GeneratorConfig {
             family: m["upsample"].as_str().unwrap().parse::<Family>().unwrap(),
             ngf: f("ngf") as usize,

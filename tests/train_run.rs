@@ -32,7 +32,8 @@ fn dataset(dir: &Path) {
     std::fs::write(dir.join("trainA/notes.txt"), "not an image").unwrap();
 }
 
-const TINY: [&str; 16] = [
+/// Tiny networks on tiny crops, on the CPU.
+const TINY: [&str; 12] = [
     "--ngf",
     "4",
     "--blocks",
@@ -43,15 +44,18 @@ const TINY: [&str; 16] = [
     "40",
     "--crop-size",
     "32",
-    "--epochs",
-    "1",
-    "--epochs-decay",
-    "1",
     "--device",
     "cpu",
 ];
+/// One epoch at the initial rate, one of decay.
+const SHORT: [&str; 4] = ["--epochs", "1", "--epochs-decay", "1"];
 
+/// Trains tiny networks on the short schedule.
 fn train(data: &Path, out: &Path, extra: &[&str]) {
+    train_tiny(data, out, &[&SHORT, extra].concat());
+}
+
+fn train_tiny(data: &Path, out: &Path, extra: &[&str]) {
     let mut args = vec!["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend(TINY);
     args.extend(extra);
@@ -104,7 +108,7 @@ fn resume_can_replace_the_schedule() {
     dataset(&data);
     let run_dir = dir.path().join("run");
     // Six files in trainA (one unreadable): six steps an epoch; step 7 is the first of epoch 1.
-    train(&data, &run_dir, &["--max-steps", "7", "--save-every", "7"]);
+    train(&data, &run_dir, &["--max-steps", "7", "--save-every", "7", "--dataset-name", "tinted crops"]);
     let resume = |extra: &[&str]| {
         let mut args = vec!["--resume", run_dir.to_str().unwrap()];
         args.extend(extra);
@@ -148,6 +152,7 @@ fn resume_can_replace_the_schedule() {
     assert!(export.status.success(), "{}", stderr(&export));
     let meta = cycleserve::model::ModelFile::load(&model, &Device::Cpu).unwrap().metadata;
     assert_eq!(meta.provenance["epochs"], "3 of 3");
+    assert_eq!(meta.provenance["dataset"], "tinted crops");
 }
 
 /// Each logged step without its wall-clock field, the only one allowed to differ.
@@ -217,6 +222,32 @@ fn export_serves_and_bad_setups_fail_clearly() {
     assert_eq!(meta.provenance["steps"], "2");
     assert!(meta.provenance["producer"].starts_with("cycletrain"));
     assert_eq!(meta.provenance["storage"], "f16");
+    // Where the data lay is told relative to the run directory, never as this machine's path.
+    assert_eq!(meta.provenance["dataset"], "X: ../data/trainA; Y: ../data/trainB");
+    let root = dir.path().canonicalize().unwrap();
+    for (key, value) in &meta.provenance {
+        for path in [dir.path(), root.as_path()] {
+            assert!(!value.contains(path.to_str().unwrap()), "{key} holds an absolute path: {value}");
+        }
+    }
+    let recipe: serde_json::Value = serde_json::from_str(&meta.provenance["recipe"]).unwrap();
+    assert_eq!(recipe["generator"]["ngf"], 4);
+    assert!(recipe.get("x_dir").is_none(), "{recipe}");
+    let renamed = dir.path().join("renamed.safetensors");
+    let run = run_dir.to_str().unwrap();
+    let out = cycletrain(&[
+        "export",
+        run,
+        "--out",
+        renamed.to_str().unwrap(),
+        "--domains",
+        "a,b",
+        "--dataset-name",
+        "crops",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let meta = cycleserve::model::ModelFile::load(&renamed, &Device::Cpu).unwrap().metadata;
+    assert_eq!(meta.provenance["dataset"], "crops");
 
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(empty.join("trainA")).unwrap();
@@ -229,4 +260,164 @@ fn export_serves_and_bad_setups_fail_clearly() {
     assert!(stderr(&out).contains("cannot read image folder"), "{}", stderr(&out));
     let out = cycletrain(&["--resume", dir.path().join("nowhere").to_str().unwrap()]);
     assert!(stderr(&out).contains("cannot read checkpoint"), "{}", stderr(&out));
+}
+
+/// The training state a checkpoint holds besides tensors.
+fn checkpoint_state(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    serde_json::from_str(&header.metadata().as_ref().unwrap()["cycletrain"]).unwrap()
+}
+
+fn checkpoint_step(path: &Path) -> u64 {
+    checkpoint_state(path)["progress"]["global_step"].as_u64().unwrap()
+}
+
+fn logged_steps(run: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(run.join("losses.jsonl")).unwrap_or_default();
+    // A line being appended may be incomplete: only whole lines count.
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// Starts a training run in the background, its logs in `out/../NAME.log`.
+fn spawn_train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Child {
+    let log = std::fs::File::create(out.with_extension("log")).unwrap();
+    let mut args = vec!["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(TINY);
+    args.extend(extra);
+    Command::new(env!("CARGO_BIN_EXE_cycletrain"))
+        .args(&args)
+        .env("CYCLESERVE_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Polls until `done` holds while the child lives (the deadline guards against hanging forever;
+/// it is no timing assumption).
+fn wait_until(child: &mut std::process::Child, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !done() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before {what}");
+        }
+        assert!(std::time::Instant::now() < deadline, "gave up waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill has no memory effects; the child is not yet reaped, so its pid is still its own.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+/// Stops the child (SIGSTOP) and waits until the kernel reports it stopped: from then on,
+/// signals sent to it stay pending until SIGCONT.
+fn freeze(child: &mut std::process::Child) {
+    signal(child, libc::SIGSTOP);
+    let stat = format!("/proc/{}/stat", child.id());
+    wait_until(child, "the run is stopped", || {
+        let text = std::fs::read_to_string(&stat).unwrap();
+        text[text.rfind(')').unwrap() + 1..].trim_start().starts_with('T')
+    });
+}
+
+#[test]
+fn sigterm_stops_after_the_current_step_with_a_checkpoint_and_the_resumed_run_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    // Six steps an epoch, 20 epochs: 120 steps, checkpoints only at epoch ends (and on a stop).
+    let schedule =
+        ["--epochs", "10", "--epochs-decay", "10", "--save-every", "1000", "--sample-every", "1000"];
+    let straight = dir.path().join("straight");
+    train_tiny(&data, &straight, &schedule);
+
+    let interrupted = dir.path().join("interrupted");
+    let mut child = spawn_train(&data, &interrupted, &schedule);
+    wait_until(&mut child, "the run logs step 2", || logged_steps(&interrupted).len() >= 2);
+    freeze(&mut child);
+    let logged_before_signal = logged_steps(&interrupted).len() as u64;
+    signal(&child, libc::SIGTERM);
+    signal(&child, libc::SIGCONT);
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(interrupted.with_extension("log")).unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+
+    // It finished the step it was in (if any) and saved exactly there.
+    let stopped_at = checkpoint_step(&interrupted.join("checkpoint.safetensors"));
+    assert!(
+        (logged_before_signal..=logged_before_signal + 1).contains(&stopped_at),
+        "stopped at {stopped_at}, signalled after {logged_before_signal}"
+    );
+    assert!(stopped_at < 120, "the signal came before the end");
+    assert_eq!(logged_steps(&interrupted), (1..=stopped_at).collect::<Vec<_>>());
+    assert!(log.contains("stopped by a signal"), "{log}");
+
+    let run = cycletrain(&["--resume", interrupted.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let (a, b) = (checkpoint(&straight), checkpoint(&interrupted));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let (va, vb) = (ta.flatten_all().unwrap(), b[name].flatten_all().unwrap());
+        assert_eq!(va.to_vec1::<f32>().unwrap(), vb.to_vec1::<f32>().unwrap(), "{name} differs after resume");
+    }
+    let read = |run: &Path| std::fs::read_to_string(run.join("losses.jsonl")).unwrap();
+    assert_eq!(losses_without_time(&read(&interrupted)), losses_without_time(&read(&straight)));
+
+    // The checkpoint before the last one stays beside it: the end of epoch 19.
+    assert_eq!(checkpoint_step(&straight.join("checkpoint.safetensors")), 120);
+    assert_eq!(checkpoint_step(&straight.join("checkpoint.prev.safetensors")), 114);
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let out = dir.path().join("run");
+    let mut child = spawn_train(&data, &out, &["--epochs", "1000", "--save-every", "1000000"]);
+    wait_until(&mut child, "the run logs step 1", || !logged_steps(&out).is_empty());
+    freeze(&mut child);
+    // Both pending on the main thread when it resumes: handled one after the other, before it
+    // runs any more of the training loop.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: tgkill has no memory effects; the main thread's id is the process id.
+        assert_eq!(unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, sig) }, 0);
+    }
+    signal(&child, libc::SIGCONT);
+    let status = child.wait().unwrap();
+    assert!(matches!(status.code(), Some(130 | 143)), "{status:?}");
+}
+
+#[test]
+fn a_second_run_on_a_directory_is_refused_while_the_first_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let out = dir.path().join("run");
+    let mut first = spawn_train(&data, &out, &["--epochs", "1000", "--save-every", "1000000"]);
+    let pid = first.id().to_string();
+    wait_until(&mut first, "the first run holds the lock", || {
+        std::fs::read_to_string(out.join("cycletrain.lock")).is_ok_and(|s| s.trim() == pid)
+    });
+
+    let mut args = vec!["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend(TINY);
+    for second in [cycletrain(&args), cycletrain(&["--resume", out.to_str().unwrap()])] {
+        assert!(!second.status.success());
+        assert!(stderr(&second).contains(&format!("in use by cycletrain pid {pid}")), "{}", stderr(&second));
+    }
+
+    // A run that dies without cleaning up leaves the file, but not the lock.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("cycletrain.lock")).unwrap().trim(), pid);
+    train(&data, &out, &["--max-steps", "1"]);
+    assert_eq!(checkpoint_step(&out.join("checkpoint.safetensors")), 1);
 }

@@ -7,7 +7,9 @@ mod translate;
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+
+use crate::logging::{init_logging, LogArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,22 +44,6 @@ enum Command {
     Healthcheck(healthcheck::HealthcheckArgs),
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Args)]
-pub struct LogArgs {
-    /// Log lines as text or as JSON objects.
-    #[arg(long, env = "CYCLESERVE_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Log filter: a level (info, debug…) or tracing directives (`cycleserve=debug,tower_http=info`).
-    #[arg(long, env = "CYCLESERVE_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-}
-
 /// Entry point of the `cycleserve` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -88,14 +74,4 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-pub(crate) fn init_logging(args: &LogArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }

@@ -1,6 +1,6 @@
 //! The `cycletrain` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,12 +10,16 @@ use clap::{Args, Parser, Subcommand};
 use super::data::Dataset;
 use super::eval::{write_grid, EvalSet};
 use super::export::export;
+use super::interrupt::StopRequest;
+use super::lock::RunLock;
 use super::optim::AdamConfig;
-use super::run::{checkpoint_path, run, RunOptions};
+use super::provenance::dataset_label;
+use super::run::{checkpoint_path, run, HeldOutEval, RunOptions};
 use super::{TrainConfig, Trainer};
 use crate::device::DeviceSpec;
+use crate::logging::{init_logging_with_progress, LogArgs, ProgressOutput};
 use crate::model::{Direction, DiscriminatorConfig, Domains, Family, GeneratorConfig, Model};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// The original CycleGAN recipe's 100 epochs at the initial rate, then 100 of decay.
 const DEFAULT_EPOCHS: usize = 100;
@@ -33,7 +37,7 @@ struct Cli {
     #[command(flatten)]
     train: TrainArgs,
     #[command(flatten)]
-    logging: crate::cli::LogArgs,
+    logging: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +81,10 @@ struct TrainArgs {
     /// Folder of domain-Y images (instead of --data).
     #[arg(long, requires = "x")]
     y: Option<PathBuf>,
+    /// What exported models say they were trained on (e.g. flower2cnpainting); also renames the
+    /// data of a resumed run [default: the image folders relative to the run directory].
+    #[arg(long)]
+    dataset_name: Option<String>,
     /// Run directory: checkpoint.safetensors, samples/, losses.jsonl, losses.png.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -172,15 +180,18 @@ struct ExportArgs {
     /// Store the weights as f16 (half the size; widened to f32 on load).
     #[arg(long)]
     half: bool,
+    /// Name the training data in the model file [default: what the run recorded].
+    #[arg(long)]
+    dataset_name: Option<String>,
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::cli::init_logging(&cli.logging);
+    let progress = init_logging_with_progress(&cli.logging);
     let result = match cli.command {
         Some(Command::Export(args)) => run_export(args),
         Some(Command::Eval(args)) => run_eval(args),
-        None => train(cli.train),
+        None => train(cli.train, progress),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -192,7 +203,7 @@ pub fn main() -> ExitCode {
 }
 
 fn run_export(args: ExportArgs) -> anyhow::Result<()> {
-    let meta = export(&args.source, &args.out, args.domains, args.half)?;
+    let meta = export(&args.source, &args.out, args.domains, args.half, args.dataset_name)?;
     println!(
         "wrote {} ({} steps, {})",
         args.out.display(),
@@ -218,47 +229,77 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
+fn train(args: TrainArgs, progress: ProgressOutput) -> anyhow::Result<()> {
     let device = args.device.open()?;
-    let (trainer, out_dir) = match &args.resume {
-        Some(dir) => {
-            let mut trainer = Trainer::resume(&checkpoint_path(dir), &device)?;
-            if args.epochs.is_some() || args.epochs_decay.is_some() {
-                let epochs = args.epochs.unwrap_or(trainer.config.epochs);
-                let decay = args.epochs_decay.unwrap_or(trainer.config.epochs_decay);
-                trainer.reschedule(epochs, decay)?;
-            }
-            (trainer, dir.clone())
-        }
-        None => {
-            let config = config_from_args(&args)?;
-            (Trainer::new(config, &device)?, args.out.clone().context("--out is required")?)
-        }
+    let Setup { run_dir, lock: _lock, trainer, dataset } = match &args.resume {
+        Some(dir) => resume_run(dir, &args, &device)?,
+        None => new_run(&args, &device)?,
     };
-    let config = &trainer.config;
-    let dataset = Dataset::open(
-        &config.x_dir,
-        &config.y_dir,
-        config.load_size,
-        config.crop_size,
-        config.flip,
-        config.seed,
-    )?;
     let eval = match (&args.eval_x, &args.eval_y) {
-        (Some(x), Some(y)) => Some((EvalSet::load(x, y, &device)?, args.eval_every.max(1))),
+        (Some(x), Some(y)) => {
+            Some(HeldOutEval { set: EvalSet::load(x, y, &device)?, every: args.eval_every.max(1) })
+        }
         _ => None,
     };
     let options = RunOptions {
-        out_dir,
+        out_dir: run_dir,
         save_every: args.save_every.max(1),
         sample_every: args.sample_every.max(1),
         max_steps: args.max_steps,
         workers: args.workers,
         eval,
+        stop: StopRequest::on_signals().context("cannot install the SIGINT/SIGTERM handlers")?,
+        progress,
     };
     run(trainer, Arc::new(dataset), &options)
 }
 
+/// A run ready to train, its directory locked.
+struct Setup {
+    run_dir: PathBuf,
+    lock: RunLock,
+    trainer: Trainer,
+    dataset: Dataset,
+}
+
+fn resume_run(dir: &Path, args: &TrainArgs, device: &Device) -> anyhow::Result<Setup> {
+    if !dir.is_dir() {
+        bail!("cannot read checkpoint {}: no such run directory", checkpoint_path(dir).display());
+    }
+    // Before the checkpoint is read, so that it is not one that a running run will replace.
+    let lock = RunLock::acquire(dir)?;
+    let mut trainer = Trainer::resume(&checkpoint_path(dir), device)?;
+    if args.epochs.is_some() || args.epochs_decay.is_some() {
+        let epochs = args.epochs.unwrap_or(trainer.config.epochs);
+        let decay = args.epochs_decay.unwrap_or(trainer.config.epochs_decay);
+        trainer.reschedule(epochs, decay)?;
+    }
+    if let Some(name) = &args.dataset_name {
+        trainer.config.dataset = Some(name.clone());
+    }
+    let dataset = open_dataset(&trainer.config)?;
+    Ok(Setup { run_dir: dir.to_path_buf(), lock, trainer, dataset })
+}
+
+fn new_run(args: &TrainArgs, device: &Device) -> anyhow::Result<Setup> {
+    let run_dir = args.out.clone().context("--out is required")?;
+    let mut config = config_from_args(args)?;
+    // The data is checked before the run directory is made.
+    let dataset = open_dataset(&config)?;
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let lock = RunLock::acquire(&run_dir)?;
+    config.dataset = Some(match &args.dataset_name {
+        Some(name) => name.clone(),
+        None => dataset_label(&config.x_dir, &config.y_dir, &run_dir),
+    });
+    Ok(Setup { trainer: Trainer::new(config, device)?, run_dir, lock, dataset })
+}
+
+fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
+    Dataset::open(&config.x_dir, &config.y_dir, config.load_size, config.crop_size, config.flip, config.seed)
+}
+
+/// A fresh run's config, its dataset not yet named.
 fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     let (x_dir, y_dir) = match (&args.data, &args.x, &args.y) {
         (Some(data), None, None) => (data.join("trainA"), data.join("trainB")),
@@ -271,6 +312,7 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     Ok(TrainConfig {
         x_dir,
         y_dir,
+        dataset: None,
         generator: GeneratorConfig {
             family: args.family,
             ngf: args.ngf,

@@ -14,6 +14,11 @@ pub struct TrainConfig {
     pub x_dir: PathBuf,
     /// Images of domain Y (`trainB`).
     pub y_dir: PathBuf,
+    /// How exported models name the data: `--dataset-name`, or the two folders relative to the
+    /// run directory; never an absolute path (see [`super::provenance`]). Absent in checkpoints
+    /// of older versions.
+    #[serde(default)]
+    pub dataset: Option<String>,
     pub generator: GeneratorConfig,
     pub discriminator: DiscriminatorConfig,
     /// Images are resized to `load_size`² before a random `crop_size`² crop.
@@ -63,6 +68,7 @@ mod tests {
         let config = TrainConfig {
             x_dir: "a".into(),
             y_dir: "b".into(),
+            dataset: None,
             generator: GeneratorConfig::published(Family::Upsample),
             discriminator: DiscriminatorConfig { ndf: 64 },
             load_size: 286,

@@ -5,12 +5,21 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
+use super::provenance::dataset_label;
 use super::run::checkpoint_path;
 use super::trainer::{checkpoint_generators, CheckpointGenerators};
+use super::TrainConfig;
 use crate::model::{Direction, Domains, ModelFile, ModelMetadata};
 
 /// Writes `out` from a run directory or a checkpoint file; `half` stores f16 weights.
-pub fn export(source: &Path, out: &Path, domains: Domains, half: bool) -> anyhow::Result<ModelMetadata> {
+/// `dataset_name` replaces the name the run recorded for its data.
+pub fn export(
+    source: &Path,
+    out: &Path,
+    domains: Domains,
+    half: bool,
+    dataset_name: Option<String>,
+) -> anyhow::Result<ModelMetadata> {
     let checkpoint = if source.is_dir() { checkpoint_path(source) } else { source.to_path_buf() };
     let CheckpointGenerators { config, progress, g, f } = checkpoint_generators(&checkpoint)?;
     let storage = if half { DType::F16 } else { DType::F32 };
@@ -18,13 +27,18 @@ pub fn export(source: &Path, out: &Path, domains: Domains, half: bool) -> anyhow
         weights.into_iter().map(|(k, v)| Ok((k, v.to_dtype(storage)?))).collect()
     };
     let generators = BTreeMap::from([(Direction::XtoY, convert(g)?), (Direction::YtoX, convert(f)?)]);
+    let dataset = dataset_name.or_else(|| config.dataset.clone()).unwrap_or_else(|| {
+        // A checkpoint from before runs named their data: name it from the run's folder now.
+        let run_dir = checkpoint.parent().unwrap_or(Path::new("."));
+        dataset_label(&config.x_dir, &config.y_dir, run_dir)
+    });
     let provenance = [
         ("producer", format!("cycletrain {}", env!("CARGO_PKG_VERSION"))),
-        ("dataset", format!("X: {}; Y: {}", config.x_dir.display(), config.y_dir.display())),
+        ("dataset", dataset),
         ("epochs", format!("{} of {}", progress.epoch, config.total_epochs())),
         ("steps", progress.global_step.to_string()),
         ("training_seconds", format!("{:.0}", progress.seconds)),
-        ("recipe", serde_json::to_string(&config)?),
+        ("recipe", recipe(&config)?),
         ("storage", format!("{storage:?}").to_lowercase()),
         ("created", humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()),
     ];
@@ -35,4 +49,16 @@ pub fn export(source: &Path, out: &Path, domains: Domains, half: bool) -> anyhow
     };
     ModelFile::save(out, &metadata, &generators)?;
     Ok(metadata)
+}
+
+/// The config as JSON without where the data lay on the training machine (`dataset` says
+/// what it was).
+fn recipe(config: &TrainConfig) -> serde_json::Result<String> {
+    let mut recipe = serde_json::to_value(config)?;
+    if let Some(fields) = recipe.as_object_mut() {
+        for local in ["x_dir", "y_dir", "dataset"] {
+            fields.remove(local);
+        }
+    }
+    serde_json::to_string(&recipe)
 }

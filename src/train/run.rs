@@ -1,22 +1,26 @@
 //! The training loop: epochs of prefetched batches, checkpoints, samples, logs and the plot.
 
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{Module, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
-use serde::{Deserialize, Serialize};
 
 use super::data::{Dataset, Loader};
+use super::durable::{write_durably, write_durably_keeping_previous};
 use super::eval::EvalSet;
+use super::interrupt::StopRequest;
+use super::loss_log::{read_log, LossLog, LossRecord};
 use super::plot::plot_losses;
+use super::progress::ProgressReport;
 use super::samples::SampleSet;
-use super::trainer::{Progress, StepLosses, Trainer};
+use super::trainer::{Progress, Trainer};
+use crate::logging::ProgressOutput;
 
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// The checkpoint before the last one, kept until the next save has made the last one durable.
+pub const PREVIOUS_CHECKPOINT: &str = "checkpoint.prev.safetensors";
 pub const LOSSES: &str = "losses.jsonl";
 pub const LOSS_PLOT: &str = "losses.png";
 pub const EVALUATIONS: &str = "eval.jsonl";
@@ -31,35 +35,32 @@ pub struct RunOptions {
     /// Stop (with a checkpoint) once this many steps are done in total.
     pub max_steps: Option<u64>,
     pub workers: usize,
-    /// Held-out images evaluated every `eval_every` steps into `eval.jsonl`.
-    pub eval: Option<(EvalSet, u64)>,
+    pub eval: Option<HeldOutEval>,
+    /// Once requested, the run stops after the current step, with a checkpoint.
+    pub stop: StopRequest,
+    pub progress: ProgressOutput,
 }
 
-/// One line of `losses.jsonl`.
-#[derive(Serialize, Deserialize)]
-struct LossRecord {
-    step: u64,
-    epoch: usize,
-    lr: f64,
-    seconds: f64,
-    #[serde(flatten)]
-    losses: StepLosses,
+/// Held-out images evaluated every `every` steps (and at the end) into `eval.jsonl`.
+pub struct HeldOutEval {
+    pub set: EvalSet,
+    pub every: u64,
 }
 
 pub fn checkpoint_path(run_dir: &Path) -> PathBuf {
     run_dir.join(CHECKPOINT)
 }
 
-/// Trains until the schedule ends or `max_steps` is reached; checkpoints on the way.
+/// Trains until the schedule ends, `max_steps` is reached or a stop is requested; checkpoints
+/// on the way.
 pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) -> anyhow::Result<()> {
     let out = &options.out_dir;
     std::fs::create_dir_all(out.join("samples"))
         .with_context(|| format!("cannot create {}", out.display()))?;
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&trainer.config)?)?;
+    write_durably(&out.join("config.json"), serde_json::to_string_pretty(&trainer.config)?.as_bytes())?;
     let log_path = out.join(LOSSES);
     // A run killed after its last checkpoint logged steps that its resumption will redo.
-    truncate_log(&log_path, trainer.progress.global_step)?;
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut log = LossLog::open(&log_path, trainer.progress.global_step)?;
 
     let config = trainer.config.clone();
     let crop = config.crop_size as usize;
@@ -67,7 +68,6 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
     let steps_per_epoch = dataset.steps_per_epoch(config.batch_size);
     let schedule_steps = (config.total_epochs() * steps_per_epoch) as u64;
     let last_step = options.max_steps.map_or(schedule_steps, |m| m.min(schedule_steps));
-    let bar = progress_bar(last_step, trainer.progress.global_step);
     let (started, seconds_before) = (Instant::now(), trainer.progress.seconds);
     tracing::info!(
         x = dataset.x_files().len(),
@@ -77,10 +77,18 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
         to_step = last_step,
         "training"
     );
+    let mut progress = ProgressReport::start(
+        options.progress,
+        trainer.progress.global_step,
+        last_step,
+        config.total_epochs(),
+    );
 
     // Reaching the last step ends the run at once, unless that step completed its epoch: then the
     // epoch is finished first, so the checkpoint counts it (also for a run saved before this rule).
     let stop_mid_epoch = |p: &Progress| p.global_step >= last_step && p.step_in_epoch < steps_per_epoch;
+    let mut checkpoints = Checkpoints::new(out);
+    let mut interrupted = false;
     'epochs: while trainer.progress.epoch < config.total_epochs() && !stop_mid_epoch(&trainer.progress) {
         let epoch = trainer.progress.epoch;
         let loader = Loader::start(
@@ -101,45 +109,39 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
             let step = trainer.progress.global_step;
             let record =
                 LossRecord { step, epoch, lr: trainer.lr(), seconds: trainer.progress.seconds, losses };
-            writeln!(log, "{}", serde_json::to_string(&record)?)?;
-            bar.set_position(step);
-            bar.set_message(format!(
-                "epoch {}/{} G {:.3} cyc {:.3}/{:.3} D {:.3}/{:.3}",
-                epoch + 1,
-                config.total_epochs(),
-                record.losses.g_total,
-                record.losses.cycle_x,
-                record.losses.cycle_y,
-                record.losses.d_x,
-                record.losses.d_y
-            ));
+            log.append(&record)?;
+            progress.update(&record);
             if step % options.sample_every == 0 {
                 samples.write_grid(&trainer.nets, &out.join(format!("samples/step_{step:07}.png")))?;
             }
-            if let Some((set, every)) = &options.eval {
-                if step % every == 0 {
-                    evaluate(&trainer, set, out)?;
+            if let Some(eval) = &options.eval {
+                if step % eval.every == 0 {
+                    evaluate(&trainer, &eval.set, out)?;
                 }
             }
             if step % options.save_every == 0 {
-                log.flush()?;
-                trainer.save(&checkpoint_path(out))?;
+                checkpoints.save(&trainer, &log)?;
             }
-            if stop_mid_epoch(&trainer.progress) {
+            // Checked once the step's outputs are all written, so a resumed run redoes none.
+            interrupted = options.stop.is_requested();
+            if interrupted || stop_mid_epoch(&trainer.progress) {
                 break 'epochs;
             }
         }
         trainer.finish_epoch();
-        trainer.save(&checkpoint_path(out))?;
+        checkpoints.save(&trainer, &log)?;
     }
-    bar.finish();
-    log.flush()?;
-    trainer.save(&checkpoint_path(out))?;
+    drop(progress);
+    checkpoints.save(&trainer, &log)?;
     let step = trainer.progress.global_step;
-    samples.write_grid(&trainer.nets, &out.join(format!("samples/step_{step:07}.png")))?;
-    if let Some((set, every)) = &options.eval {
-        if step % every != 0 {
-            evaluate(&trainer, set, out)?;
+    if interrupted {
+        tracing::warn!(step, dir = %out.display(), "stopped by a signal; --resume continues from here");
+    } else {
+        samples.write_grid(&trainer.nets, &out.join(format!("samples/step_{step:07}.png")))?;
+        if let Some(eval) = &options.eval {
+            if step % eval.every != 0 {
+                evaluate(&trainer, &eval.set, out)?;
+            }
         }
     }
     plot_losses(&read_log(&log_path)?, &out.join(LOSS_PLOT))?;
@@ -147,50 +149,40 @@ pub fn run(mut trainer: Trainer, dataset: Arc<Dataset>, options: &RunOptions) ->
     Ok(())
 }
 
+/// Saves the run's checkpoint, each state once.
+struct Checkpoints {
+    path: PathBuf,
+    previous: PathBuf,
+    saved: Option<Progress>,
+}
+
+impl Checkpoints {
+    fn new(run_dir: &Path) -> Self {
+        Self { path: checkpoint_path(run_dir), previous: run_dir.join(PREVIOUS_CHECKPOINT), saved: None }
+    }
+
+    /// Makes the log durable through the current step, then writes the checkpoint durably, the
+    /// one it replaces kept as [`PREVIOUS_CHECKPOINT`].
+    fn save(&mut self, trainer: &Trainer, log: &LossLog) -> anyhow::Result<()> {
+        if self.saved == Some(trainer.progress) {
+            return Ok(());
+        }
+        log.sync()?;
+        write_durably_keeping_previous(&self.path, &self.previous, &trainer.checkpoint_bytes()?)
+            .with_context(|| format!("cannot write checkpoint {}", self.path.display()))?;
+        self.saved = Some(trainer.progress);
+        Ok(())
+    }
+}
+
 /// Appends one held-out evaluation to `eval.jsonl`.
 fn evaluate(trainer: &Trainer, set: &EvalSet, out: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
     let g = |x: &Tensor| trainer.nets.g.forward(x);
     let f = |x: &Tensor| trainer.nets.f.forward(x);
     let report = set.evaluate(&g, &f, trainer.progress.global_step)?;
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(out.join(EVALUATIONS))?;
     writeln!(file, "{}", serde_json::to_string(&report)?)?;
     tracing::info!(?report, "held-out evaluation");
-    Ok(())
-}
-
-fn progress_bar(total: u64, done: u64) -> ProgressBar {
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}")
-            .expect("valid progress template")
-            .progress_chars("=> "),
-    );
-    bar.set_position(done);
-    bar.reset_eta();
-    bar
-}
-
-/// Every logged step with its losses.
-pub fn read_log(path: &Path) -> anyhow::Result<Vec<(u64, StepLosses)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut records = Vec::new();
-    for line in std::io::BufReader::new(file).lines() {
-        let record: LossRecord = serde_json::from_str(&line?)?;
-        records.push((record.step, record.losses));
-    }
-    Ok(records)
-}
-
-fn truncate_log(path: &Path, keep_through: u64) -> anyhow::Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| serde_json::from_str::<LossRecord>(l).is_ok_and(|r| r.step <= keep_through))
-        .collect();
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    std::fs::write(path, body)?;
     Ok(())
 }

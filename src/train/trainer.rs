@@ -13,7 +13,6 @@ use super::config::TrainConfig;
 use super::networks::Networks;
 use super::optim::Adam;
 use super::pool::ImagePool;
-use crate::model::file::write_atomically;
 
 /// Salt that keeps the pool's random stream apart from the data's and the init's.
 const POOL_STREAM: u64 = 0x706f6f6c;
@@ -54,10 +53,24 @@ struct CheckpointState {
     trainer: String,
     config: TrainConfig,
     progress: Progress,
-    optimizer_steps: [u64; 2],
-    pool_sizes: [usize; 2],
-    /// The pool's random generator: seed (hex), stream and word position.
-    rng: (String, u64, String),
+    optimizer_steps: OptimizerSteps,
+    pool_sizes: PoolSizes,
+    /// The pools' random generator, exactly where it stands.
+    rng: ChaCha8Rng,
+}
+
+/// Updates each optimiser has made (Adam's bias correction depends on them).
+#[derive(Serialize, Deserialize)]
+struct OptimizerSteps {
+    generators: u64,
+    discriminators: u64,
+}
+
+/// Fakes held by each domain's image pool.
+#[derive(Serialize, Deserialize)]
+struct PoolSizes {
+    x: usize,
+    y: usize,
 }
 
 pub struct Trainer {
@@ -178,9 +191,9 @@ impl Trainer {
         self.apply_schedule();
     }
 
-    /// Writes networks, optimiser moments, pools, progress, RNG state and config to one
-    /// safetensors file, atomically.
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    /// Networks, optimiser moments, pools, progress, RNG state and config as the bytes of one
+    /// safetensors file.
+    pub fn checkpoint_bytes(&self) -> anyhow::Result<Vec<u8>> {
         let mut tensors: Vec<(String, Tensor)> =
             self.nets.sorted_vars().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
         for (prefix, opt) in [("opt_g", &self.opt_g), ("opt_d", &self.opt_d)] {
@@ -194,60 +207,71 @@ impl Trainer {
             trainer: format!("cycletrain {}", env!("CARGO_PKG_VERSION")),
             config: self.config.clone(),
             progress: self.progress,
-            optimizer_steps: [self.opt_g.steps(), self.opt_d.steps()],
-            pool_sizes: [self.pool_x.images().len(), self.pool_y.images().len()],
-            rng: (hex(&self.rng.get_seed()), self.rng.get_stream(), self.rng.get_word_pos().to_string()),
+            optimizer_steps: OptimizerSteps {
+                generators: self.opt_g.steps(),
+                discriminators: self.opt_d.steps(),
+            },
+            pool_sizes: PoolSizes { x: self.pool_x.images().len(), y: self.pool_y.images().len() },
+            rng: self.rng.clone(),
         };
         let metadata = HashMap::from([("cycletrain".to_string(), serde_json::to_string(&state)?)]);
         let tensors = tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?.contiguous()?)));
         let tensors = tensors.collect::<candle_core::Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?;
-        write_atomically(path, &bytes).with_context(|| format!("cannot write checkpoint {}", path.display()))
+        Ok(safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))?)
     }
 
-    /// Restores a run exactly as [`Trainer::save`] left it.
+    /// Restores a run exactly as [`Trainer::checkpoint_bytes`] left it.
     pub fn resume(path: &Path, device: &Device) -> anyhow::Result<Self> {
-        let (config, tensors, state) = read_checkpoint(path)?;
-        let mut trainer = Self::from_weights(config, device, &tensors)?;
+        let Checkpoint { tensors, state } = Checkpoint::read(path)?;
+        let mut trainer = Self::from_weights(state.config.clone(), device, &tensors)?;
         let get = |name: String| -> candle_core::Result<Tensor> {
             match tensors.get(&name) {
                 Some(t) => t.to_device(device),
                 None => candle_core::bail!("checkpoint lacks {name}"),
             }
         };
-        trainer.opt_g.load_state(state.optimizer_steps[0], |n| get(format!("opt_g.{n}")))?;
-        trainer.opt_d.load_state(state.optimizer_steps[1], |n| get(format!("opt_d.{n}")))?;
+        trainer.opt_g.load_state(state.optimizer_steps.generators, |n| get(format!("opt_g.{n}")))?;
+        trainer.opt_d.load_state(state.optimizer_steps.discriminators, |n| get(format!("opt_d.{n}")))?;
         for (pool, prefix, size) in [
-            (&mut trainer.pool_x, "pool_x", state.pool_sizes[0]),
-            (&mut trainer.pool_y, "pool_y", state.pool_sizes[1]),
+            (&mut trainer.pool_x, "pool_x", state.pool_sizes.x),
+            (&mut trainer.pool_y, "pool_y", state.pool_sizes.y),
         ] {
             pool.restore(
                 (0..size).map(|i| get(format!("{prefix}.{i}"))).collect::<candle_core::Result<_>>()?,
             );
         }
-        let (seed, stream, word_pos) = &state.rng;
-        let mut rng = ChaCha8Rng::from_seed(unhex(seed).context("bad RNG seed in checkpoint")?);
-        rng.set_stream(*stream);
-        rng.set_word_pos(word_pos.parse().context("bad RNG position in checkpoint")?);
-        trainer.rng = rng;
+        trainer.rng = state.rng;
         trainer.progress = state.progress;
         trainer.apply_schedule();
         Ok(trainer)
     }
 }
 
-/// A checkpoint's config, tensors (on the CPU) and state.
-fn read_checkpoint(path: &Path) -> anyhow::Result<(TrainConfig, HashMap<String, Tensor>, CheckpointState)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a cycletrain checkpoint", path.display()))?;
-    let state_json =
-        header.metadata().as_ref().and_then(|m| m.get("cycletrain")).with_context(|| {
+/// A checkpoint file as read: tensors on the CPU, and the state beside them.
+struct Checkpoint {
+    tensors: HashMap<String, Tensor>,
+    state: CheckpointState,
+}
+
+impl Checkpoint {
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{} is not a cycletrain checkpoint", path.display()))?;
+        let state_json = header.metadata().as_ref().and_then(|m| m.get("cycletrain")).with_context(|| {
             format!("{} is not a cycletrain checkpoint (no training state)", path.display())
         })?;
-    let state: CheckpointState = serde_json::from_str(state_json)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
-    Ok((state.config.clone(), tensors, state))
+        let state: CheckpointState = serde_json::from_str(state_json).with_context(|| {
+            format!(
+                "cannot read the training state of {} (checkpoints written before the state's \
+                 named fields, November 2026, cannot be resumed by this version)",
+                path.display()
+            )
+        })?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        Ok(Self { tensors, state })
+    }
 }
 
 /// What export needs of a checkpoint.
@@ -262,19 +286,14 @@ pub struct CheckpointGenerators {
 
 /// The config, progress and G/F weights of a checkpoint.
 pub fn checkpoint_generators(path: &Path) -> anyhow::Result<CheckpointGenerators> {
-    let (config, tensors, state) = read_checkpoint(path)?;
+    let Checkpoint { tensors, state } = Checkpoint::read(path)?;
     let strip = |prefix: &str| -> HashMap<String, Tensor> {
         tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone()))).collect()
     };
-    Ok(CheckpointGenerators { config, progress: state.progress, g: strip("G."), f: strip("F.") })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<[u8; 32]> {
-    let bytes: Option<Vec<u8>> =
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
-    bytes?.try_into().ok()
+    Ok(CheckpointGenerators {
+        config: state.config,
+        progress: state.progress,
+        g: strip("G."),
+        f: strip("F."),
+    })
 }
