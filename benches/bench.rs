@@ -161,7 +161,9 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
                         let mut done = Vec::new();
                         for _ in 0..share {
                             let ticket = engine.admit(bytes.len() as u64)?;
-                            done.push(engine.translate(ticket, target, bytes.clone(), OutputFormat::Png).await?);
+                            done.push(
+                                engine.translate(ticket, target, bytes.clone(), OutputFormat::Png).await?,
+                            );
                         }
                         anyhow::Ok(done)
                     }));

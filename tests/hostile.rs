@@ -153,6 +153,9 @@ fn tiff_huge_strip() -> Vec<u8> {
     tiff
 }
 
+/// A status and the error code that comes with it (empty for 200).
+type Answer = (StatusCode, &'static str);
+
 async fn send(client: &Client, server: &Server, body: Vec<u8>) -> (StatusCode, String, String) {
     let response = client.post(server.url("/translate?direction=x2y")).body(body).send().await.unwrap();
     let status = response.status();
@@ -170,7 +173,7 @@ async fn hostile_files_get_their_4xx_and_the_server_stays_small() {
     let models = tiny_models_dir();
     let server = Server::start(models.path(), &["--memory-budget", "1GiB"]).ready().await;
     let client = Client::new();
-    let cases: [(&str, Vec<u8>, &[(StatusCode, &str)]); 8] = [
+    let cases: [(&str, Vec<u8>, &[Answer]); 8] = [
         ("16,777,216 × 1 PNG", png_one_pixel_tall(), &[(StatusCode::PAYLOAD_TOO_LARGE, "too_many_pixels")]),
         // The decoder drops a profile that inflates past its allowance; the pixels are fine.
         (
@@ -250,4 +253,43 @@ async fn images_beyond_the_budget_are_refused_with_the_largest_size_or_downscale
     assert_eq!(response.headers()["x-downscaled-from"], "1024x768");
     let result = image::load_from_memory(&response.bytes().await.unwrap()).unwrap();
     assert!(result.width() < 1024 && result.width() as f64 / result.height() as f64 > 1.3);
+}
+
+#[test]
+fn a_model_that_cannot_fit_the_budget_is_refused_at_start() {
+    let models = tiny_models_dir();
+    let dir = models.path().to_str().unwrap();
+    let args = ["serve", "--port", "0", "--device", "cpu", "--memory-budget", "100KiB", "--models-dir", dir];
+    let out = run_binary(env!("CARGO_BIN_EXE_cycleserve"), &args);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains("model `tiny`") && message.contains("for even an 8×8 image"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_deadline_keeps_its_slot_until_its_decode_ends() {
+    let models = tiny_models_dir();
+    let flags = ["--queue-capacity", "1", "--request-timeout-ms", "150"];
+    let server = Server::start(models.path(), &flags).ready().await;
+    // 16 megapixels that take far longer than 150 ms to decode, in a small PNG.
+    let large = image::RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([(x / 16) as u8, (y / 16) as u8, 99]));
+    let mut body = Vec::new();
+    large.write_to(&mut std::io::Cursor::new(&mut body), image::ImageFormat::Png).unwrap();
+    let one_decode = 4096 * 4096 * 3 * 2;
+    let client = Client::new();
+    server.reset_peak();
+    let before = server.status_bytes("VmRSS:");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, code, message) = send(&client, &server, body.clone()).await;
+        assert!(
+            [StatusCode::GATEWAY_TIMEOUT, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{status} {code} {message}"
+        );
+        statuses.push(status.as_u16());
+    }
+    let growth = server.status_bytes("VmHWM:").saturating_sub(before);
+    println!("statuses {statuses:?}; peak RSS growth {:.0} MiB", growth as f64 / MIB as f64);
+    // Six decodes at once would need six times this; one slot allows one.
+    assert!(growth < 2 * one_decode, "{} MiB: more decodes ran than there are slots", growth / MIB);
 }

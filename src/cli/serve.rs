@@ -33,7 +33,8 @@ pub struct ServeArgs {
     /// Longest a request waits for others to share its batch, in milliseconds.
     #[arg(long, env = "CYCLESERVE_MAX_BATCH_DELAY_MS", default_value_t = 5)]
     max_batch_delay_ms: u64,
-    /// Requests admitted but not yet computing; more get 503 with Retry-After.
+    /// Requests admitted but not yet computing (reading their body, decoding, or queued); more
+    /// get 503 with Retry-After.
     #[arg(long, env = "CYCLESERVE_QUEUE_CAPACITY", default_value_t = 64)]
     queue_capacity: usize,
     /// Deadline per request, from admission to encoded result, in milliseconds (504 after).
@@ -42,7 +43,8 @@ pub struct ServeArgs {
     /// Largest image upload, in bytes (413 beyond).
     #[arg(long, env = "CYCLESERVE_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Largest image, in pixels (width × height), checked before decoding (413 beyond).
+    /// Largest image, in pixels of the padded size it runs at (each side rounded up to a multiple
+    /// of 4, at least 8), checked from the header before decoding (413 beyond).
     #[arg(long, env = "CYCLESERVE_MAX_PIXELS", default_value_t = 16_777_216)]
     max_pixels: u64,
     /// Downscale inputs whose longer side exceeds this (Lanczos3) before translating; off by
@@ -113,6 +115,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     metrics::spawn_upkeep(metrics_handle.clone());
     let engine = Engine::new(models, vec![device], config, Arc::new(metrics::PrometheusObserver));
     let engine = Arc::new(engine);
+    refuse_models_beyond_the_budget(&engine)?;
     let state = AppState {
         engine,
         metrics: Some(metrics_handle),
@@ -129,4 +132,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ui: args.ui,
     };
     http::server::serve(state, server_config).await
+}
+
+/// A model whose smallest image does not fit the budget could never serve a request: refuse to
+/// start, naming what it needs, rather than answer every request with 413.
+fn refuse_models_beyond_the_budget(engine: &Engine) -> anyhow::Result<()> {
+    for (index, info) in engine.models().iter().enumerate() {
+        if engine.largest_square(index) < crate::model::pixels::MIN_NETWORK_SIDE {
+            let needed = engine.memory_model(index).network_bytes(1, 8, 8);
+            anyhow::bail!(
+                "model `{}` ({}) needs {} MiB for even an 8×8 image, more than the memory budget of {} MiB",
+                info.name,
+                info.metadata.architecture,
+                needed >> 20,
+                engine.memory_budget() >> 20
+            );
+        }
+    }
+    Ok(())
 }

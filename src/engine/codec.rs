@@ -126,10 +126,10 @@ pub fn fit_within(width: u32, height: u32, side: u32) -> (u32, u32) {
     (scaled(width), scaled(height))
 }
 
-fn reader(
-    bytes: &[u8],
-    limits: image::Limits,
-) -> Result<(ImageReader<Cursor<&[u8]>>, ImageFormat), ImageError> {
+/// A reader over an in-memory image.
+type BytesReader<'a> = ImageReader<Cursor<&'a [u8]>>;
+
+fn reader(bytes: &[u8], limits: image::Limits) -> Result<(BytesReader<'_>, ImageFormat), ImageError> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;

@@ -204,12 +204,7 @@ pub fn main() -> ExitCode {
 
 fn run_export(args: ExportArgs) -> anyhow::Result<()> {
     let meta = export(&args.source, &args.out, args.domains, args.half, args.dataset_name)?;
-    println!(
-        "wrote {} ({} steps, {})",
-        args.out.display(),
-        meta.provenance["steps"],
-        meta.architecture
-    );
+    println!("wrote {} ({} steps, {})", args.out.display(), meta.provenance["steps"], meta.architecture);
     Ok(())
 }
 
