@@ -269,7 +269,8 @@ fn a_model_that_cannot_fit_the_budget_is_refused_at_start() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_past_its_deadline_keeps_its_slot_until_its_decode_ends() {
     let models = tiny_models_dir();
-    let flags = ["--queue-capacity", "1", "--request-timeout-ms", "150"];
+    // Batches never fill or fall due, so no network pass runs: what memory shows is decodes.
+    let flags = ["--queue-capacity", "1", "--request-timeout-ms", "150", "--max-batch-delay-ms", "600000"];
     let server = Server::start(models.path(), &flags).ready().await;
     // 16 megapixels that take far longer than 150 ms to decode, in a small PNG.
     let large = image::RgbImage::from_fn(4096, 4096, |x, y| image::Rgb([(x / 16) as u8, (y / 16) as u8, 99]));

@@ -158,8 +158,11 @@ impl Queue {
                     expired: Vec::new(),
                 });
             }
-            // Wake at the due time, or earlier if the queue changes (a push may fill the batch).
-            state = self.changed.wait_timeout(state, due - now).unwrap_or_else(|p| p.into_inner()).0;
+            // Wake at the due time, or when the first queued request's deadline passes (so that
+            // its slot and memory are given back), or earlier if the queue changes.
+            let first_deadline = state.entries.iter().map(|e| e.deadline).min().unwrap_or(due);
+            let wake = due.min(first_deadline).saturating_duration_since(now);
+            state = self.changed.wait_timeout(state, wake).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
