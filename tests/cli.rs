@@ -25,16 +25,6 @@ fn import(x2y: &Path, y2x: Option<&Path>, model: &Path) -> Output {
     cycleserve(&args)
 }
 
-/// Share of channel values within ±1 level, and the largest difference.
-fn agreement(a: &Path, b: &Path) -> (f64, u8) {
-    let a = image::open(a).unwrap().to_rgb8();
-    let b = image::open(b).unwrap().to_rgb8();
-    assert_eq!(a.dimensions(), b.dimensions());
-    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
-    let close = diffs.iter().filter(|d| **d <= 1).count();
-    (close as f64 / diffs.len() as f64, *diffs.iter().max().unwrap())
-}
-
 #[test]
 fn imported_checkpoints_translate_like_pytorch() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,18 +36,7 @@ fn imported_checkpoints_translate_like_pytorch() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("photo2painting + painting2photo"));
 
         let result = dir.path().join(format!("{family}.png"));
-        let photo = fixture("photo_250x198.png");
-        let out = cycleserve(&[
-            "translate",
-            "--model",
-            model.to_str().unwrap(),
-            "--direction",
-            "painting2photo",
-            "--device",
-            "cpu",
-            photo.to_str().unwrap(),
-            result.to_str().unwrap(),
-        ]);
+        let out = translate_photo(&model, "painting2photo", &result);
         assert!(out.status.success(), "{}", stderr(&out));
         let reference = fixture(&format!("reference/{family}_y2x_photo_250x198.png"));
         let (close, max) = agreement(&result, &reference);

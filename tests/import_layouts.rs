@@ -34,28 +34,13 @@ fn import(file: &Path, combined: bool, extra: &[&str], out: &Path) -> Output {
     cycleserve(&args)
 }
 
-/// Share of channel values within ±1 level of the reference, and the largest difference.
-fn agreement(model: &Path, direction: &str, reference: &Path, dir: &Path) -> (f64, u8) {
+/// Translates the odd-sized photo with `model`: the share of channel values within ±1 level of
+/// the reference, and the largest difference.
+fn translated_agreement(model: &Path, direction: &str, reference: &Path, dir: &Path) -> (f64, u8) {
     let result = dir.join("result.png");
-    let photo = fixture("photo_250x198.png");
-    let out = cycleserve(&[
-        "translate",
-        "--model",
-        model.to_str().unwrap(),
-        "--direction",
-        direction,
-        "--device",
-        "cpu",
-        photo.to_str().unwrap(),
-        result.to_str().unwrap(),
-    ]);
+    let out = translate_photo(model, direction, &result);
     assert!(out.status.success(), "{}", stderr(&out));
-    let a = image::open(&result).unwrap().to_rgb8();
-    let b = image::open(reference).unwrap().to_rgb8();
-    assert_eq!(a.dimensions(), b.dimensions());
-    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
-    let close = diffs.iter().filter(|d| **d <= 1).count();
-    (close as f64 / diffs.len() as f64, *diffs.iter().max().unwrap())
+    agreement(&result, reference)
 }
 
 #[test]
@@ -88,7 +73,7 @@ fn every_published_layout_imports_without_options_and_translates_like_pytorch() 
 
         for (direction, reference) in case["references"].as_object().unwrap() {
             let reference = import_fixture("reference").join(reference.as_str().unwrap());
-            let (close, max) = agreement(&model, direction, &reference, dir.path());
+            let (close, max) = translated_agreement(&model, direction, &reference, dir.path());
             println!("{file} {direction}: {:.3} % within ±1, max diff {max}", close * 100.);
             assert!(close >= 0.995, "{file} {direction}: only {:.3} % within ±1 (max {max})", close * 100.);
         }
@@ -108,7 +93,7 @@ fn combined_checkpoints_say_which_generator_is_x2y_and_swap_flips_them() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(stdout.contains("`netG_B` is x2y, `netG_A` is y2x"), "{stdout}");
     let reference = import_fixture("reference/resnet_generator_b.png");
-    let (close, max) = agreement(&model, "x2y", &reference, dir.path());
+    let (close, max) = translated_agreement(&model, "x2y", &reference, dir.path());
     assert!(close >= 0.995, "swapped x2y: {:.3} % within ±1 (max {max})", close * 100.);
 
     let out = import(&import_fixture("combined_genA2B.pth"), false, &[], &model);

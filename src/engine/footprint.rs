@@ -79,17 +79,8 @@ impl MemoryModel {
         if fits(longest) {
             return Some(longest);
         }
-        // Footprints grow with the side: binary search for the largest that fits.
-        let (mut lo, mut hi) = (0u32, longest);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        (lo > 0).then_some(lo)
+        let side = largest_fitting(longest, fits);
+        (side > 0).then_some(side)
     }
 
     /// The largest square RGB image that fits `budget` alone, sent as up to `max_body` bytes.
@@ -106,17 +97,23 @@ impl MemoryModel {
             let body = max_body.min(3 * side as u64 * side as u64);
             body + self.footprint(&header(side), None).alone() <= budget
         };
-        let (mut lo, mut hi) = (0u32, 1u32 << 16);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if fits(mid) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        lo
+        largest_fitting(1 << 16, fits)
     }
+}
+
+/// The largest side under `too_large` that `fits` (0 if none does). Footprints grow with the
+/// side, so a binary search finds it.
+fn largest_fitting(too_large: u32, fits: impl Fn(u32) -> bool) -> u32 {
+    let (mut lo, mut hi) = (0u32, too_large);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 #[cfg(test)]

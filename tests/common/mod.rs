@@ -70,3 +70,22 @@ pub fn tiny_models_dir() -> tempfile::TempDir {
     import_golden(&dir.path().join("tiny.safetensors"), Directions::Both);
     dir
 }
+
+/// Share of channel values of two images within ±1 level, and the largest difference.
+pub fn agreement(a: &Path, b: &Path) -> (f64, u8) {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let close = diffs.iter().filter(|d| **d <= 1).count();
+    (close as f64 / diffs.len() as f64, *diffs.iter().max().unwrap())
+}
+
+/// `cycleserve translate` of the odd-sized photo fixture with `model` on the CPU into `result`.
+pub fn translate_photo(model: &Path, direction: &str, result: &Path) -> std::process::Output {
+    let photo = fixture("photo_250x198.png");
+    let args = ["translate", "--model", model.to_str().unwrap(), "--direction", direction, "--device", "cpu"];
+    let mut args = args.to_vec();
+    args.extend([photo.to_str().unwrap(), result.to_str().unwrap()]);
+    run_binary(env!("CARGO_BIN_EXE_cycleserve"), &args)
+}
