@@ -4,7 +4,9 @@
 //! costing ([`footprint`]) → decode (blocking pool) → bounded queue → dynamic batcher
 //! ([`queue`]) → one worker thread per device ([`worker`]) → encode (blocking pool). The async
 //! runtime only awaits; decoding and encoding of some requests overlap with inference of others.
-//! Every stage's memory is reserved before it is spent and released when it is freed.
+//! Every stage's memory is reserved before it is spent and released when it is freed. Models
+//! are found and named by the [`catalog`]; images are decoded and encoded by the [`codec`]; what
+//! happens is reported through an [`observer`].
 
 pub mod budget;
 pub mod catalog;

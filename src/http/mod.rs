@@ -1,5 +1,7 @@
-//! The HTTP service: routes, errors, metrics and shutdown, each in its own file, over the
-//! [`crate::engine`].
+//! The HTTP service over the [`crate::engine`], one concern per file: the router, middleware and
+//! serve loop ([`server`]); what `/translate` takes from a request ([`extract`]); the route
+//! [`handlers`] and the JSON bodies they answer with ([`views`], [`error`]); Prometheus
+//! [`metrics`]; the try-it page ([`ui`]); and the signals that start a graceful [`shutdown`].
 
 pub mod error;
 pub mod extract;
