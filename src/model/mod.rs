@@ -6,7 +6,7 @@
 //!   convolutions, with an im2col + GEMM CPU path in both directions);
 //! - [`fast`]: a channels-last CPU executor for the generator, inference only;
 //! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share;
-//! - [`file`]: the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
+//! - [`file`](mod@file): the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
 //! - here: [`Model`], a loaded file with a ready generator per direction, and [`ModelError`].
 
 pub mod checkpoint;
