@@ -169,8 +169,9 @@ fn histogram_count(metrics: &str, bucket: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_batch_and_overload_answers_503() {
     let models = tiny_models_dir();
-    let server =
-        Server::start(models.path(), &["--max-batch-size", "8", "--max-batch-delay-ms", "100"]).ready().await;
+    let server = Server::start(models.path(), &["--max-batch-size", "8", "--max-batch-delay-ms", "60000"])
+        .ready()
+        .await;
     let client = Client::new();
     let requests =
         (0..8).map(|_| client.post(server.url("/translate?direction=x2y")).body(png("photo_256x256.png")));
@@ -184,21 +185,21 @@ async fn concurrent_requests_batch_and_overload_answers_503() {
     assert!(metrics.contains("cycleserve_images_processed_total{model=\"tiny\",direction=\"x2y\"} 8"));
     drop(server);
 
-    let busy =
-        Server::start(models.path(), &["--queue-capacity", "1", "--max-batch-size", "1"]).ready().await;
-    let requests =
-        (0..12).map(|_| client.post(busy.url("/translate?direction=x2y")).body(png("photo_256x256.png")));
-    let mut overloaded = 0;
-    for response in all_at_once(requests).await {
-        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(response.headers()["retry-after"], "1");
-            assert_eq!(error_code(response).await.1, "overloaded");
-            overloaded += 1;
-        } else {
-            assert_eq!(response.status(), 200);
-        }
-    }
-    assert!(overloaded > 0, "a queue of one must refuse some of 12 simultaneous requests");
+    // A queue of one, held by an upload that has sent half its body: the next request is
+    // refused at once with 503, and the held one completes once its body arrives.
+    let busy = Server::start(models.path(), &["--queue-capacity", "1"]).ready().await;
+    let held = SplitUpload::start(&busy, &png("photo_256x256.png"));
+    until_queue_depth(&client, &busy, 1).await;
+    let refused = client
+        .post(busy.url("/translate?direction=x2y"))
+        .body(png("photo_256x256.png"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(error_code(refused).await.1, "overloaded");
+    assert_eq!(tokio::task::spawn_blocking(move || held.finish()).await.unwrap(), 200);
 }
 
 /// Sends requests at once, each on its own task, and collects the responses in order.
@@ -227,29 +228,79 @@ async fn deadlines_answer_504() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_fails_readiness_and_drains_in_flight_requests() {
     let models = tiny_models_dir();
-    let mut server = Server::start(models.path(), &["--max-batch-delay-ms", "400"]).ready().await;
+    let mut server = Server::start(models.path(), &[]).ready().await;
     let client = Client::new();
-    let in_flight = tokio::spawn(
-        client.post(server.url("/translate?direction=x2y")).body(png("photo_256x256.png")).send(),
-    );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // In flight: admitted, its body half sent.
+    let in_flight = SplitUpload::start(&server, &png("photo_256x256.png"));
+    until_queue_depth(&client, &server, 1).await;
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // Not ready any more: refused outright, or 503 on a connection that was already open.
-    match client.get(server.url("/readyz")).send().await {
-        Err(e) => assert!(e.is_connect(), "{e}"),
-        Ok(r) => assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE),
-    }
-    let response = in_flight.await.unwrap().unwrap();
-    assert_eq!(response.status(), 200, "the in-flight request finished");
-    let mut status = None;
-    for _ in 0..100 {
-        status = server.child.try_wait().unwrap();
-        if status.is_some() {
+    // Readiness fails: refused outright, or 503 on a connection that was already open.
+    let mut ready = true;
+    for _ in 0..1200 {
+        ready = match client.get(server.url("/readyz")).send().await {
+            Err(e) => !e.is_connect(),
+            Ok(r) => r.status() == StatusCode::OK,
+        };
+        if !ready {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(status.is_some_and(|s| s.success()), "exit status {status:?}");
+    assert!(!ready, "readiness never failed after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || in_flight.finish()).await.unwrap();
+    assert_eq!(status, 200, "the in-flight request finished");
+    let exit = tokio::task::spawn_blocking(move || server.child.wait().unwrap()).await.unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
+/// An upload sent in two parts over a raw connection: the head and half the body at once, the
+/// rest when the test says. While it waits, the server holds it as an admitted request, so tests
+/// can create "a request in flight" as a state rather than by timing.
+struct SplitUpload {
+    stream: std::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SplitUpload {
+    fn start(server: &Server, body: &[u8]) -> Self {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        let head = format!(
+            "POST /translate?direction=x2y HTTP/1.1\r\nHost: {}\r\nContent-Type: image/png\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            server.addr,
+            body.len()
+        );
+        let (first, rest) = body.split_at(body.len() / 2);
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(first).unwrap();
+        Self { stream, rest: rest.to_vec() }
+    }
+
+    /// Sends the rest and returns the response's status code.
+    fn finish(mut self) -> u16 {
+        use std::io::{Read, Write};
+        self.stream.write_all(&self.rest).unwrap();
+        let mut response = Vec::new();
+        self.stream.read_to_end(&mut response).unwrap();
+        let text = String::from_utf8_lossy(&response);
+        text.split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {text}"))
+    }
+}
+
+/// Polls `/metrics` until the queue depth gauge reads `depth`.
+async fn until_queue_depth(client: &Client, server: &Server, depth: usize) {
+    let wanted = format!("cycleserve_queue_depth {depth}\n");
+    for _ in 0..1200 {
+        let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if metrics.contains(&wanted) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the queue depth never reached {depth}");
 }
