@@ -10,6 +10,7 @@ use crate::device::{device_name, DeviceSpec};
 use crate::engine::catalog::load_models_dir;
 use crate::engine::codec::DecodeOptions;
 use crate::engine::{Engine, EngineConfig, Oversize};
+use crate::http::connections::ConnectionLimits;
 use crate::http::{self, metrics, server, AppState, ServerConfig};
 use crate::memory::{self, parse_bytes};
 
@@ -64,6 +65,20 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight requests after SIGTERM before exiting anyway.
     #[arg(long, env = "CYCLESERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Longest a request body may take to arrive, counted from its head, in milliseconds (408
+    /// after). Default: the request timeout.
+    #[arg(long, env = "CYCLESERVE_BODY_TIMEOUT_MS")]
+    body_timeout_ms: Option<u64>,
+    /// Seconds a client has to send a request head once it has begun (the connection is closed
+    /// after; guards against slow-header clients).
+    #[arg(long, env = "CYCLESERVE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "CYCLESERVE_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Most connections open at once; further ones wait in the listen backlog.
+    #[arg(long, env = "CYCLESERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
     /// Serve the try-it web page at `/` (`--ui false` leaves `/` a 404).
     #[arg(long, env = "CYCLESERVE_UI", default_value_t = true, action = clap::ArgAction::Set)]
     ui: bool,
@@ -127,6 +142,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: request_timeout + Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         ui: args.ui,
+        body_timeout: args.body_timeout_ms.map_or(request_timeout, Duration::from_millis),
+        connections: ConnectionLimits {
+            header_timeout: Duration::from_secs(args.header_timeout_secs),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            max_connections: args.max_connections.max(1),
+        },
     };
     http::server::serve(state, server_config).await
 }

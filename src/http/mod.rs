@@ -1,6 +1,8 @@
 //! The HTTP service: routes, errors, metrics and shutdown, each in its own file, over the
 //! [`crate::engine`].
 
+pub mod body;
+pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -39,4 +41,7 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Serve the try-it page at `/` (and its assets under `/ui/`).
     pub ui: bool,
+    /// A request body still incomplete this long after its head arrived is answered 408.
+    pub body_timeout: Duration,
+    pub connections: connections::ConnectionLimits,
 }

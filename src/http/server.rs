@@ -17,10 +17,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use super::body::{self, DrainLimits, DRAIN_ALLOWANCE};
 use super::error::ApiError;
 use super::extract::MULTIPART_OVERHEAD;
 use super::handlers;
-use super::{metrics, shutdown, ui, AppState, ServerConfig};
+use super::{connections, metrics, shutdown, ui, AppState, ServerConfig};
 
 /// All routes with their middleware.
 pub fn router(state: AppState, config: &ServerConfig) -> Router {
@@ -57,10 +58,16 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .on_response(
             DefaultOnResponse::new().level(Level::INFO).latency_unit(tower_http::LatencyUnit::Millis),
         );
+    let drain = DrainLimits {
+        bytes: (config.max_body_bytes + MULTIPART_OVERHEAD) as u64 + DRAIN_ALLOWANCE,
+        time: config.body_timeout,
+    };
     let middleware = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(trace)
         .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(middleware::from_fn_with_state(drain, body::drain_refused))
+        .layer(middleware::from_fn_with_state(config.body_timeout, body::body_deadline))
         .layer(cors(&config.cors_origins))
         .layer(middleware::from_fn(json_errors))
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
@@ -125,6 +132,7 @@ pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> 
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(address = %local, "listening");
     let app = router(state.clone(), &config);
+    let limits = config.connections;
     let engine = std::sync::Arc::clone(&state.engine);
     let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
     let drained = async move {
@@ -135,7 +143,7 @@ pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> 
     };
     let engine = std::sync::Arc::clone(&state.engine);
     let run = async move {
-        axum::serve(listener, app).with_graceful_shutdown(drained).await?;
+        connections::serve(listener, app, limits, drained).await;
         engine.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())

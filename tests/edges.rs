@@ -1,0 +1,184 @@
+//! The server's edges, over raw TCP where an HTTP client would hide what happens: refused bodies
+//! that clients can still read the answer to, slow and idle connections closed, the connection
+//! cap, API keys and the metrics port.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::server::Server;
+use common::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A generous bound for anything that should happen "soon": tests assert upper bounds only this
+/// loosely, so that a loaded machine cannot fail them.
+const SOON: Duration = Duration::from_secs(20);
+
+struct Answer {
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{}", self.head))
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim().to_ascii_lowercase())
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.head))
+    }
+}
+
+/// Reads one response (head and a Content-Length body) from `stream`.
+async fn read_answer(stream: &mut (impl AsyncRead + Unpin)) -> Answer {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let n =
+            tokio::time::timeout(SOON, stream.read(&mut chunk)).await.expect("no answer in time").unwrap();
+        assert!(n > 0, "connection closed before an answer: {:?}", String::from_utf8_lossy(&buffer));
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buffer[..head_end].to_vec()).unwrap();
+    let mut answer = Answer { head, body: buffer[head_end..].to_vec() };
+    let length: usize = answer.header("content-length").map_or(0, |v| v.parse().unwrap());
+    while answer.body.len() < length {
+        let n = tokio::time::timeout(SOON, stream.read(&mut chunk)).await.expect("body not in time").unwrap();
+        assert!(n > 0, "connection closed inside a body");
+        answer.body.extend_from_slice(&chunk[..n]);
+    }
+    answer
+}
+
+/// Waits until the server closes `stream` (end of file or reset), reading and discarding any data.
+async fn closed_within(stream: &mut TcpStream, bound: Duration) -> Duration {
+    let start = Instant::now();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(bound, stream.read(&mut chunk)).await {
+            Err(_) => panic!("connection still open after {bound:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn translate_head(length: usize, extra: &str) -> String {
+    format!(
+        "POST /translate?direction=x2y HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n\
+         Content-Length: {length}\r\n{extra}\r\n"
+    )
+}
+
+const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_bodies_are_answered_so_that_clients_read_the_answer() {
+    let models = tiny_models_dir();
+    let server = Server::start(models.path(), &["--max-body-bytes", "150000"]).ready().await;
+
+    // Expect: 100-continue: refused from Content-Length before any body is asked for.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(translate_head(200_000, "Expect: 100-continue\r\n").as_bytes()).await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(answer.status(), 413, "{}", answer.head);
+    assert_eq!(answer.json()["error"]["code"], "too_many_bytes");
+    assert_eq!(answer.header("connection").as_deref(), Some("close"));
+    closed_within(&mut stream, SOON).await;
+
+    // No Expect, 50 kB over the limit: the body is read to its end before the answer, so the
+    // connection stays usable (a reset could not happen) and serves the next request.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        writer.write_all(translate_head(200_000, "").as_bytes()).await.unwrap();
+        writer.write_all(&vec![7u8; 200_000]).await.unwrap();
+    };
+    let (answer, ()) = tokio::join!(read_answer(&mut reader), send);
+    assert_eq!(answer.status(), 413, "{}", answer.head);
+    assert_eq!(answer.json()["error"]["code"], "too_many_bytes");
+    assert_eq!(answer.header("connection"), None);
+    stream.write_all(HEALTHZ).await.unwrap();
+    assert_eq!(read_answer(&mut stream).await.status(), 200);
+
+    // Far beyond the limit and the drain allowance: answered at once, then closed.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(translate_head(150_000 + 64 * 1024 + 1024 * 1024 + 1, "").as_bytes()).await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(answer.status(), 413, "{}", answer.head);
+    assert_eq!(answer.header("connection").as_deref(), Some("close"));
+    closed_within(&mut stream, SOON).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_heads_idle_connections_and_dribbled_bodies_are_cut_off() {
+    let models = tiny_models_dir();
+    let flags = ["--header-timeout-secs", "1", "--idle-timeout-secs", "2", "--body-timeout-ms", "2000"];
+    let server = Server::start(models.path(), &flags).ready().await;
+
+    // Half a request head, then nothing: closed after the header timeout, not before.
+    let mut slow_head = TcpStream::connect(server.addr).await.unwrap();
+    slow_head.write_all(b"POST /translate HTTP/1.1\r\nHost: test\r\n").await.unwrap();
+    let waited = closed_within(&mut slow_head, Duration::from_secs(10)).await;
+    assert!(waited >= Duration::from_millis(900), "closed after {waited:?}");
+
+    // A kept-alive connection with nothing more to ask: closed after the idle timeout.
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(HEALTHZ).await.unwrap();
+    assert_eq!(read_answer(&mut idle).await.status(), 200);
+    let waited = closed_within(&mut idle, Duration::from_secs(20)).await;
+    assert!(waited >= Duration::from_millis(1900), "closed after {waited:?}");
+
+    // A body dribbled a byte a second: 408 once the body deadline has passed.
+    let mut dribble = TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = dribble.split();
+    let send = async {
+        writer.write_all(translate_head(1000, "").as_bytes()).await.unwrap();
+        for _ in 0..1000 {
+            if writer.write_all(b"x").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let answer = tokio::select! {
+        answer = tokio::time::timeout(Duration::from_secs(20), read_answer(&mut reader)) => answer,
+        () = send => panic!("the whole body was sent"),
+    };
+    let answer = answer.expect("no answer within 10× the body timeout");
+    assert_eq!(answer.status(), 408, "{}", answer.head);
+    assert_eq!(answer.json()["error"]["code"], "timed_out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_wait_while_open_ones_are_served() {
+    let models = tiny_models_dir();
+    let server = Server::start(models.path(), &["--max-connections", "2"]).ready().await;
+    let mut first = TcpStream::connect(server.addr).await.unwrap();
+    let mut second = TcpStream::connect(server.addr).await.unwrap();
+    for stream in [&mut first, &mut second] {
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert_eq!(read_answer(stream).await.status(), 200);
+    }
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    third.write_all(HEALTHZ).await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_secs(1), third.peek(&mut byte)).await;
+    assert!(early.is_err(), "a third connection was served beside two open ones");
+    // The open connections keep being served meanwhile.
+    first.write_all(HEALTHZ).await.unwrap();
+    assert_eq!(read_answer(&mut first).await.status(), 200);
+    drop(second);
+    assert_eq!(read_answer(&mut third).await.status(), 200, "served once a connection closed");
+}
