@@ -182,3 +182,85 @@ async fn connections_beyond_the_cap_wait_while_open_ones_are_served() {
     drop(second);
     assert_eq!(read_answer(&mut third).await.status(), 200, "served once a connection closed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_guard_the_model_routes_and_metrics_have_their_own_port() {
+    let models = tiny_models_dir();
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), "second-key\n\n  third-key  \n").unwrap();
+    let metrics_port =
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let key_path = key_file.path().to_str().unwrap();
+    let flags = ["--api-key", "first-key", "--api-key-file", key_path, "--metrics-port", &metrics_port];
+    let server = Server::start(models.path(), &flags).ready().await;
+    let client = reqwest::Client::new();
+    let image = std::fs::read(fixture("gray16.png")).unwrap();
+    let guarded = |authorization: Option<&str>| {
+        let with = |request: reqwest::RequestBuilder| match authorization {
+            Some(value) => request.header("authorization", value),
+            None => request,
+        };
+        vec![
+            with(client.get(server.url("/v1/models"))),
+            with(client.get(server.url("/v1/models/tiny"))),
+            with(client.post(server.url("/translate?direction=x2y")).body(image.clone())),
+        ]
+    };
+    for authorization in
+        [None, Some("Bearer nope"), Some("Bearer first-key-and-more"), Some("Basic first-key")]
+    {
+        for request in guarded(authorization) {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{authorization:?}");
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        }
+    }
+    for key in ["first-key", "second-key", "third-key"] {
+        for request in guarded(Some(&format!("Bearer {key}"))) {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200, "{key}");
+        }
+    }
+    for open in ["/healthz", "/readyz", "/", "/ui/app.js", "/openapi.yaml"] {
+        assert_eq!(client.get(server.url(open)).send().await.unwrap().status(), 200, "{open}");
+    }
+
+    assert_eq!(client.get(server.url("/metrics")).send().await.unwrap().status(), 404);
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let metrics = client.get(&metrics_url).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.contains("cycleserve_build_info"), "{metrics}");
+    assert!(metrics.contains(r#"route="/translate",status="401""#), "{metrics}");
+    let elsewhere = client.get(format!("http://127.0.0.1:{metrics_port}/v1/models")).send().await.unwrap();
+    assert_eq!(elsewhere.status(), 404);
+}
+
+#[test]
+fn any_origin_cors_with_api_keys_is_warned_about() {
+    use std::io::{BufRead, BufReader};
+    let models = tiny_models_dir();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cycleserve"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json", "--device", "cpu"])
+        .args(["--cors-origins", "*", "--api-key", "secret-key-value"])
+        .arg("--models-dir")
+        .arg(models.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        let listening = line.contains("\"listening\"");
+        log.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.join("\n");
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("CORS")), "{log}");
+    assert!(!log.contains("secret-key-value"), "a key was logged: {log}");
+}

@@ -1,6 +1,7 @@
 //! The HTTP service: routes, errors, metrics and shutdown, each in its own file, over the
 //! [`crate::engine`].
 
+pub mod auth;
 pub mod body;
 pub mod connections;
 pub mod error;
@@ -44,4 +45,8 @@ pub struct ServerConfig {
     /// A request body still incomplete this long after its head arrived is answered 408.
     pub body_timeout: Duration,
     pub connections: connections::ConnectionLimits,
+    /// Keys the model routes require (none: open).
+    pub api_keys: auth::ApiKeys,
+    /// Where `/metrics` is served instead of on `addr`, when set.
+    pub metrics_addr: Option<SocketAddr>,
 }

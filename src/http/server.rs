@@ -21,7 +21,7 @@ use super::body::{self, DrainLimits, DRAIN_ALLOWANCE};
 use super::error::ApiError;
 use super::extract::MULTIPART_OVERHEAD;
 use super::handlers;
-use super::{connections, metrics, shutdown, ui, AppState, ServerConfig};
+use super::{auth, connections, metrics, shutdown, ui, AppState, ServerConfig};
 
 /// All routes with their middleware.
 pub fn router(state: AppState, config: &ServerConfig) -> Router {
@@ -32,13 +32,22 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .route("/translate", post(handlers::translate))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes + MULTIPART_OVERHEAD))
         .layer(axum::extract::DefaultBodyLimit::disable());
-    let api = Router::new()
+    // Refused before anything else, bodies included, when API keys are configured.
+    let keyed = Router::new()
         .merge(translate)
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{name}", get(handlers::model))
+        .route_layer(middleware::from_fn_with_state(config.api_keys.clone(), auth::require_key));
+    let metrics_here = if config.metrics_addr.is_none() {
+        Router::new().route("/metrics", get(handlers::metrics))
+    } else {
+        Router::new()
+    };
+    let api = Router::new()
+        .merge(keyed)
+        .merge(metrics_here)
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
         .route("/openapi.yaml", get(handlers::openapi))
         .merge(if config.ui { ui::routes() } else { Router::new() })
         .fallback(handlers::not_found)
@@ -77,6 +86,11 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
     api.layer(middleware::from_fn(metrics::track)).layer(middleware)
 }
 
+/// `/metrics` alone, for its own port.
+fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(handlers::metrics)).fallback(handlers::not_found).with_state(state)
+}
+
 fn cors(origins: &[String]) -> CorsLayer {
     if origins.is_empty() {
         return CorsLayer::new();
@@ -84,7 +98,7 @@ fn cors(origins: &[String]) -> CorsLayer {
     let expose = [HeaderName::from_static("x-request-id"), HeaderName::from_static("server-timing")];
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::CONTENT_TYPE, header::ACCEPT])
+        .allow_headers([header::CONTENT_TYPE, header::ACCEPT, header::AUTHORIZATION])
         .expose_headers(expose);
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())
@@ -130,34 +144,45 @@ async fn json_errors(request: Request, next: Next) -> Response {
 pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let local: SocketAddr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(address = %local, "listening");
     let app = router(state.clone(), &config);
     let limits = config.connections;
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let stopped = move |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
+    if let Some(listener) = metrics_listener {
+        tracing::info!(address = %listener.local_addr()?, "metrics listening");
+        let metrics = metrics_router(state.clone());
+        tokio::spawn(connections::serve(listener, metrics, limits, stopped(stop.clone())));
+    }
     let engine = std::sync::Arc::clone(&state.engine);
-    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-    let drained = async move {
+    let grace = config.shutdown_grace;
+    tokio::spawn(async move {
         shutdown::signal().await;
         engine.begin_shutdown();
-        tracing::info!(grace_seconds = config.shutdown_grace.as_secs_f64(), "draining");
-        let _ = signalled.send(());
-    };
+        tracing::info!(grace_seconds = grace.as_secs_f64(), "draining");
+        let _ = stopping.send(true);
+    });
     let engine = std::sync::Arc::clone(&state.engine);
+    let overtime = stopped(stop.clone());
     let run = async move {
-        connections::serve(listener, app, limits, drained).await;
+        connections::serve(listener, app, limits, stopped(stop)).await;
         engine.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())
     };
     let overtime = async move {
-        // The sender only goes away unsent once serving has ended by itself.
-        if on_signal.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(config.shutdown_grace).await;
+        overtime.await;
+        tokio::time::sleep(grace).await;
     };
     tokio::select! {
         result = run => result,
-        _ = overtime => anyhow::bail!("requests still running after the {:?} grace period", config.shutdown_grace),
+        _ = overtime => anyhow::bail!("requests still running after the {grace:?} grace period"),
         failure = loading_failure(&state) => anyhow::bail!("models could not be loaded: {failure}"),
     }
 }
