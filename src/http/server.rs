@@ -140,7 +140,8 @@ async fn json_errors(request: Request, next: Next) -> Response {
 /// Serves until SIGTERM/SIGINT, then drains: readiness fails at once, new requests are refused,
 /// in-flight ones finish, and the engine completes its queue. An error when the drain outlasts
 /// `config.shutdown_grace`, or when the models cannot be loaded (so that a supervisor restarts
-/// the process rather than keep it unready).
+/// the process rather than keep it unready). `/metrics` gets its own listener when
+/// `config.metrics_addr` is set.
 pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let local: SocketAddr = listener.local_addr()?;
@@ -169,7 +170,7 @@ pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> 
         let _ = stopping.send(true);
     });
     let engine = std::sync::Arc::clone(&state.engine);
-    let overtime = stopped(stop.clone());
+    let signalled = stopped(stop.clone());
     let run = async move {
         connections::serve(listener, app, limits, stopped(stop)).await;
         engine.shutdown().await;
@@ -177,7 +178,7 @@ pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> 
         anyhow::Ok(())
     };
     let overtime = async move {
-        overtime.await;
+        signalled.await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
