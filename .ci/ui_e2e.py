@@ -9,6 +9,7 @@ that the browser logged no Content-Security-Policy violation. Screenshots of eac
 
 Usage: ui_e2e.py BASE_URL DIRECTION PHOTO OUT_DIR
 """
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -72,6 +73,14 @@ def start_browser(profile_dir):
 def visible(driver, element_id):
     element = driver.find_element(By.ID, element_id)
     return element.is_displayed() and element
+
+
+def enter_api_key(driver, key):
+    """Types the server's API key (when it has one) into the page's key field, as a user would."""
+    if key:
+        field = driver.find_element(By.ID, "api-key")
+        field.send_keys(key)
+        field.send_keys(Keys.TAB)
 
 
 def choose_direction(driver, name):
@@ -157,6 +166,7 @@ def main():
         try:
             driver.get(base.rstrip("/") + "/")
             check(driver.title.startswith("cycleserve"), f"title {driver.title!r}")
+            enter_api_key(driver, os.environ.get("CYCLESERVE_API_KEY", ""))
             chosen = choose_direction(driver, direction)
             print(f"chose {chosen}")
             translate_photo(driver, photo, out_dir)

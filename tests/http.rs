@@ -215,7 +215,9 @@ async fn all_at_once(requests: impl Iterator<Item = reqwest::RequestBuilder>) ->
 #[tokio::test(flavor = "multi_thread")]
 async fn deadlines_answer_504() {
     let models = tiny_models_dir();
-    let server = Server::start(models.path(), &["--request-timeout-ms", "1"]).ready().await;
+    let server = Server::start(models.path(), &["--request-timeout-ms", "1", "--body-timeout-ms", "60000"])
+        .ready()
+        .await;
     let response = Client::new()
         .post(server.url("/translate?direction=x2y"))
         .body(png("photo_256x256.png"))

@@ -10,6 +10,8 @@ use crate::device::{device_name, DeviceSpec};
 use crate::engine::catalog::load_models_dir;
 use crate::engine::codec::DecodeOptions;
 use crate::engine::{Engine, EngineConfig, Oversize};
+use crate::http::auth::ApiKeys;
+use crate::http::connections::ConnectionLimits;
 use crate::http::{self, metrics, server, AppState, ServerConfig};
 use crate::memory::{self, parse_bytes};
 
@@ -66,6 +68,30 @@ pub struct ServeArgs {
     /// Seconds to finish in-flight requests after SIGTERM before exiting anyway.
     #[arg(long, env = "CYCLESERVE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Longest a request body may take to arrive, counted from its head, in milliseconds (408
+    /// after). Default: the request timeout.
+    #[arg(long, env = "CYCLESERVE_BODY_TIMEOUT_MS")]
+    body_timeout_ms: Option<u64>,
+    /// Seconds a client has to send a request head once it has begun (the connection is closed
+    /// after; guards against slow-header clients).
+    #[arg(long, env = "CYCLESERVE_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "CYCLESERVE_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Most connections open at once; further ones wait in the listen backlog.
+    #[arg(long, env = "CYCLESERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// An API key that `/translate` and `/v1/models*` then require as `Authorization: Bearer
+    /// KEY` (401 without); health, readiness, the page and the spec stay open.
+    #[arg(long, env = "CYCLESERVE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// A file of API keys, one a line, all accepted (together with --api-key).
+    #[arg(long, env = "CYCLESERVE_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Serve `/metrics` on this port (same host) instead of the public one.
+    #[arg(long, env = "CYCLESERVE_METRICS_PORT")]
+    metrics_port: Option<u16>,
     /// Serve the try-it web page at `/` (`--ui false` leaves `/` a 404).
     #[arg(long, env = "CYCLESERVE_UI", default_value_t = true, action = clap::ArgAction::Set)]
     ui: bool,
@@ -122,14 +148,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         device: device_label,
         max_body_bytes: args.max_body_bytes,
     };
+    let mut keys: Vec<String> = args.api_key.into_iter().collect();
+    if let Some(path) = &args.api_key_file {
+        keys.extend(ApiKeys::read_file(path)?);
+    }
+    let api_keys = ApiKeys::new(keys);
+    let cors_origins: Vec<String> = args.cors_origins.into_iter().filter(|o| !o.is_empty()).collect();
+    if !api_keys.is_empty() {
+        tracing::info!(keys = api_keys.len(), "API keys required");
+        if cors_origins.iter().any(|o| o == "*") {
+            tracing::warn!(
+                "CORS allows any origin while API keys are required: any web page can use a key it is given"
+            );
+        }
+    }
     let server_config = ServerConfig {
         addr: server::address(&args.host, args.port)?,
         max_body_bytes: args.max_body_bytes,
-        cors_origins: args.cors_origins.into_iter().filter(|o| !o.is_empty()).collect(),
+        cors_origins,
         // Uploads and queueing are covered by the engine's deadline; this only catches the rest.
         request_timeout: request_timeout + Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         ui: args.ui,
+        body_timeout: args.body_timeout_ms.map_or(request_timeout, Duration::from_millis),
+        connections: ConnectionLimits {
+            header_timeout: Duration::from_secs(args.header_timeout_secs),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            max_connections: args.max_connections.max(1),
+        },
+        api_keys,
+        metrics_addr: args.metrics_port.map(|port| server::address(&args.host, port)).transpose()?,
     };
     http::server::serve(state, server_config).await
 }

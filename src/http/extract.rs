@@ -86,19 +86,12 @@ impl ImageBody {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let admitted = match declared {
-            Some(length) if length > limit => Err(too_large(max_bytes)),
-            _ => engine.admit(declared.unwrap_or(limit) as u64).map_err(ApiError::from),
-        };
-        let mut ticket = match admitted {
-            Ok(ticket) => ticket,
-            Err(refusal) => {
-                // Read (and drop) a small body before refusing, so the client, still sending,
-                // sees the answer instead of a reset connection; a large one is cut off.
-                drain(request.into_body(), DRAIN_LIMIT).await;
-                return Err(refusal);
-            }
-        };
+        // Refused before any of the body is read: the edge (`body::drain_refused`) reads the
+        // rest of a small body, or closes, so that the client sees the answer.
+        if declared.is_some_and(|length| length > limit) {
+            return Err(too_large(max_bytes));
+        }
+        let mut ticket = engine.admit(declared.unwrap_or(limit) as u64)?;
         let body = read_body(request.into_body(), limit, max_bytes).await?;
         ticket.body_read(body.len());
         let bytes = if multipart {
@@ -117,22 +110,6 @@ impl ImageBody {
             ));
         }
         Ok(Self { bytes, ticket })
-    }
-}
-
-/// How much of a refused request's body is read and dropped so that its client sees the answer.
-const DRAIN_LIMIT: usize = 1 << 20;
-
-/// Reads and drops up to `limit` bytes of a body, chunk by chunk (nothing is kept).
-async fn drain(body: Body, limit: usize) {
-    use http_body_util::BodyExt;
-    let mut body = body;
-    let mut read = 0;
-    while read <= limit {
-        match body.frame().await {
-            Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len()),
-            _ => return,
-        }
     }
 }
 

@@ -3,6 +3,9 @@
 //! [`handlers`] and the JSON bodies they answer with ([`views`], [`error`]); Prometheus
 //! [`metrics`]; the try-it page ([`ui`]); and the signals that start a graceful [`shutdown`].
 
+pub mod auth;
+pub mod body;
+pub mod connections;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -41,4 +44,11 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Serve the try-it page at `/` (and its assets under `/ui/`).
     pub ui: bool,
+    /// A request body still incomplete this long after its head arrived is answered 408.
+    pub body_timeout: Duration,
+    pub connections: connections::ConnectionLimits,
+    /// Keys the model routes require (none: open).
+    pub api_keys: auth::ApiKeys,
+    /// Where `/metrics` is served instead of on `addr`, when set.
+    pub metrics_addr: Option<SocketAddr>,
 }

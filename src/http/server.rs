@@ -17,10 +17,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use super::body::{self, DrainLimits, DRAIN_ALLOWANCE};
 use super::error::ApiError;
 use super::extract::MULTIPART_OVERHEAD;
 use super::handlers;
-use super::{metrics, shutdown, ui, AppState, ServerConfig};
+use super::{auth, connections, metrics, shutdown, ui, AppState, ServerConfig};
 
 /// All routes with their middleware.
 pub fn router(state: AppState, config: &ServerConfig) -> Router {
@@ -31,13 +32,22 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .route("/translate", post(handlers::translate))
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes + MULTIPART_OVERHEAD))
         .layer(axum::extract::DefaultBodyLimit::disable());
-    let api = Router::new()
+    // Refused before anything else, bodies included, when API keys are configured.
+    let keyed = Router::new()
         .merge(translate)
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{name}", get(handlers::model))
+        .route_layer(middleware::from_fn_with_state(config.api_keys.clone(), auth::require_key));
+    let metrics_here = if config.metrics_addr.is_none() {
+        Router::new().route("/metrics", get(handlers::metrics))
+    } else {
+        Router::new()
+    };
+    let api = Router::new()
+        .merge(keyed)
+        .merge(metrics_here)
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
         .route("/openapi.yaml", get(handlers::openapi))
         .merge(if config.ui { ui::routes() } else { Router::new() })
         .fallback(handlers::not_found)
@@ -57,10 +67,16 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .on_response(
             DefaultOnResponse::new().level(Level::INFO).latency_unit(tower_http::LatencyUnit::Millis),
         );
+    let drain = DrainLimits {
+        bytes: (config.max_body_bytes + MULTIPART_OVERHEAD) as u64 + DRAIN_ALLOWANCE,
+        time: config.body_timeout,
+    };
     let middleware = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(trace)
         .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(middleware::from_fn_with_state(drain, body::drain_refused))
+        .layer(middleware::from_fn_with_state(config.body_timeout, body::body_deadline))
         .layer(cors(&config.cors_origins))
         .layer(middleware::from_fn(json_errors))
         .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
@@ -70,6 +86,11 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
     api.layer(middleware::from_fn(metrics::track)).layer(middleware)
 }
 
+/// `/metrics` alone, for its own port.
+fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(handlers::metrics)).fallback(handlers::not_found).with_state(state)
+}
+
 fn cors(origins: &[String]) -> CorsLayer {
     if origins.is_empty() {
         return CorsLayer::new();
@@ -77,7 +98,7 @@ fn cors(origins: &[String]) -> CorsLayer {
     let expose = [HeaderName::from_static("x-request-id"), HeaderName::from_static("server-timing")];
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST])
-        .allow_headers([header::CONTENT_TYPE, header::ACCEPT])
+        .allow_headers([header::CONTENT_TYPE, header::ACCEPT, header::AUTHORIZATION])
         .expose_headers(expose);
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())
@@ -119,37 +140,50 @@ async fn json_errors(request: Request, next: Next) -> Response {
 /// Serves until SIGTERM/SIGINT, then drains: readiness fails at once, new requests are refused,
 /// in-flight ones finish, and the engine completes its queue. An error when the drain outlasts
 /// `config.shutdown_grace`, or when the models cannot be loaded (so that a supervisor restarts
-/// the process rather than keep it unready).
+/// the process rather than keep it unready). `/metrics` gets its own listener when
+/// `config.metrics_addr` is set.
 pub async fn serve(state: AppState, config: ServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let local: SocketAddr = listener.local_addr()?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(address = %local, "listening");
     let app = router(state.clone(), &config);
+    let limits = config.connections;
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let stopped = move |mut stop: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+    };
+    if let Some(listener) = metrics_listener {
+        tracing::info!(address = %listener.local_addr()?, "metrics listening");
+        let metrics = metrics_router(state.clone());
+        tokio::spawn(connections::serve(listener, metrics, limits, stopped(stop.clone())));
+    }
     let engine = std::sync::Arc::clone(&state.engine);
-    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-    let drained = async move {
+    let grace = config.shutdown_grace;
+    tokio::spawn(async move {
         shutdown::signal().await;
         engine.begin_shutdown();
-        tracing::info!(grace_seconds = config.shutdown_grace.as_secs_f64(), "draining");
-        let _ = signalled.send(());
-    };
+        tracing::info!(grace_seconds = grace.as_secs_f64(), "draining");
+        let _ = stopping.send(true);
+    });
     let engine = std::sync::Arc::clone(&state.engine);
+    let signalled = stopped(stop.clone());
     let run = async move {
-        axum::serve(listener, app).with_graceful_shutdown(drained).await?;
+        connections::serve(listener, app, limits, stopped(stop)).await;
         engine.shutdown().await;
         tracing::info!("stopped");
         anyhow::Ok(())
     };
     let overtime = async move {
-        // The sender only goes away unsent once serving has ended by itself.
-        if on_signal.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(config.shutdown_grace).await;
+        signalled.await;
+        tokio::time::sleep(grace).await;
     };
     tokio::select! {
         result = run => result,
-        _ = overtime => anyhow::bail!("requests still running after the {:?} grace period", config.shutdown_grace),
+        _ = overtime => anyhow::bail!("requests still running after the {grace:?} grace period"),
         failure = loading_failure(&state) => anyhow::bail!("models could not be loaded: {failure}"),
     }
 }
