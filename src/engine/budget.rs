@@ -56,10 +56,6 @@ impl MemoryBudget {
         })
     }
 
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
     /// Bytes reserved now: held by requests plus running network passes.
     pub fn reserved(&self) -> u64 {
         self.lock().reserved()

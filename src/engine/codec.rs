@@ -93,7 +93,6 @@ const DECODER_SLACK: u64 = 8 << 20;
 /// What an image's header says, read before any pixel is decoded.
 #[derive(Clone, Copy, Debug)]
 pub struct ImageHeader {
-    pub format: ImageFormat,
     /// As stored (before the EXIF orientation is applied).
     pub stored: (u32, u32),
     /// As displayed, after the EXIF orientation.
@@ -105,6 +104,11 @@ pub struct ImageHeader {
 }
 
 impl ImageHeader {
+    /// The header of a plain `width`×`height` 8-bit RGB image, for costing sizes in general.
+    pub fn rgb(width: u32, height: u32) -> Self {
+        Self { stored: (width, height), width, height, bytes_per_pixel: 3, has_alpha: false }
+    }
+
     pub fn pixels(&self) -> u64 {
         self.width as u64 * self.height as u64
     }
@@ -120,7 +124,7 @@ impl ImageHeader {
 
 /// The size of a `width`×`height` image scaled (aspect kept, as `DynamicImage::resize`) so its
 /// longer side is `side`.
-pub fn fit_within(width: u32, height: u32, side: u32) -> (u32, u32) {
+fn fit_within(width: u32, height: u32, side: u32) -> (u32, u32) {
     let scale = side as f64 / width.max(height) as f64;
     let scaled = |v: u32| ((v as f64 * scale).round() as u32).clamp(1, side);
     (scaled(width), scaled(height))
@@ -173,7 +177,6 @@ pub fn probe(bytes: &[u8], options: &DecodeOptions) -> Result<ImageHeader, Image
     }
     let color = decoder.color_type();
     Ok(ImageHeader {
-        format,
         stored,
         width,
         height,

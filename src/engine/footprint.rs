@@ -85,17 +85,9 @@ impl MemoryModel {
 
     /// The largest square RGB image that fits `budget` alone, sent as up to `max_body` bytes.
     pub fn largest_square(&self, budget: u64, max_body: u64) -> u32 {
-        let header = |side: u32| ImageHeader {
-            format: image::ImageFormat::Png,
-            stored: (side, side),
-            width: side,
-            height: side,
-            bytes_per_pixel: 3,
-            has_alpha: false,
-        };
         let fits = |side: u32| {
             let body = max_body.min(3 * side as u64 * side as u64);
-            body + self.footprint(&header(side), None).alone() <= budget
+            body + self.footprint(&ImageHeader::rgb(side, side), None).alone() <= budget
         };
         largest_fitting(1 << 16, fits)
     }
@@ -134,24 +126,15 @@ mod tests {
         }
     }
 
-    fn header(width: u32, height: u32) -> ImageHeader {
-        ImageHeader {
-            format: image::ImageFormat::Png,
-            stored: (width, height),
-            width,
-            height,
-            bytes_per_pixel: 3,
-            has_alpha: false,
-        }
-    }
-
     #[test]
     fn the_largest_square_fits_and_one_more_side_does_not() {
         let model = shipped();
         let budget = 1 << 30;
         let side = model.largest_square(budget, 20 << 20);
         assert!(side > 256, "a 1 GiB budget takes more than 256² ({side})");
-        let cost = |s: u32| model.footprint(&header(s, s), None).alone() + (3 * s * s).min(20 << 20) as u64;
+        let cost = |s: u32| {
+            model.footprint(&ImageHeader::rgb(s, s), None).alone() + (3 * s * s).min(20 << 20) as u64
+        };
         assert!(cost(side) <= budget && cost(side + 1) > budget);
     }
 
@@ -159,7 +142,7 @@ mod tests {
     fn fitting_shrinks_an_oversized_image_until_it_fits() {
         let model = shipped();
         let budget = 512 << 20;
-        let photo = header(4000, 3000);
+        let photo = ImageHeader::rgb(4000, 3000);
         assert!(model.footprint(&photo, None).alone() > budget, "a 12 MP photo needs more");
         let side = model.fit_side(&photo, 4000, budget).expect("a smaller version fits");
         assert!(side < 4000);
