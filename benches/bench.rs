@@ -64,6 +64,12 @@ enum What {
         batch: usize,
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// Run on this NCHW f32 .npy batch (its shape overrides size and batch) instead of noise.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Write the last output here as .npy (to compare runtimes).
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     Train {
         #[arg(long, value_delimiter = ',', default_value = "128,256")]
@@ -81,7 +87,9 @@ fn main() -> anyhow::Result<()> {
     match Args::parse().what {
         What::Network { model, size, batches, images } => network(&model, size, &batches, images),
         What::Engine { model, image, callers, requests } => engine(&model, &image, &callers, requests),
-        What::Forward { model, size, batch, iters } => forward(&model, size, batch, iters),
+        What::Forward { model, size, batch, iters, input, output } => {
+            forward(&model, (size, batch, iters), input.as_deref(), output.as_deref())
+        }
         What::Train { sizes, steps, ngf, blocks } => train(&sizes, steps, ngf, blocks),
     }
 }
@@ -193,10 +201,22 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
     Ok(())
 }
 
-fn forward(model: &Path, size: usize, batch: usize, iters: usize) -> anyhow::Result<()> {
+fn forward(
+    model: &Path,
+    (size, batch, iters): (usize, usize, usize),
+    given: Option<&Path>,
+    output: Option<&Path>,
+) -> anyhow::Result<()> {
     let model = Model::load(model, &Device::Cpu)?;
-    let x = input(batch, size)?;
+    let x = match given {
+        Some(path) => Tensor::read_npy(path)?,
+        None => input(batch, size)?,
+    };
+    let (batch, _, size, _) = x.dims4()?;
     let seconds = best_of(iters, || Ok(model.forward(Direction::XtoY, &x).map(|_| ())?))?;
+    if let Some(path) = output {
+        model.forward(Direction::XtoY, &x)?.write_npy(path)?;
+    }
     println!(
         "{}",
         serde_json::json!({ "ms_per_image": seconds * 1e3 / batch as f64, "size": size, "batch": batch })

@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""CPU inference: cycleserve vs PyTorch eager vs ONNX Runtime, same weights, same machine.
+"""CPU inference: cycleserve vs PyTorch (f32, bf16 autocast, pure bf16) vs ONNX Runtime, same
+weights, same machine, same run.
 
     python3 benches/cpu_compare.py [--threads 2] [--rounds 2]
 
-Creates its own venv (target/bench-venv: torch, onnxruntime, onnx), writes random
-published-size generators (ngf 64, 9 blocks, N(0, 0.02) weights) of both families as .pth,
-imports them with `cycleserve import`, exports ONNX from PyTorch, and then measures, interleaved
-round by round, ms/image of the three runtimes for each family at 256² and 512², batch 1 and 4
-(best of 3 calls per round, best round kept). Then peak resident memory of one 1024×1024 image
-in each runtime, each in a fresh process. Prints Markdown tables with the ratios to ONNX Runtime.
+Creates its own venv (target/bench-venv, versions pinned below), writes random published-size
+generators (ngf 64, 9 blocks, N(0, 0.02) weights) of both families as .pth, imports them with
+`cycleserve import`, and exports ONNX from PyTorch. Before any timing it runs every runtime on one
+input and checks the outputs agree: the f32 runtimes to 1e-3 of PyTorch f32, the bf16 ones within
+16 output levels (it prints the level agreement of each). Then it measures, interleaved round by
+round, ms/image of each runtime for each family at 256² and 512², batch 1 and 4 (best of 3 calls
+per round, best round kept). Last, the peak resident memory of one 1024×1024 image in each
+runtime, each in a fresh process that imports only its own library. Prints Markdown tables.
+
+PyTorch's bf16 runs channels-last, as oneDNN prefers: `autocast` keeps f32 weights and casts per
+op; `pure bf16` converts the module and input once.
 """
 import argparse
 import json
@@ -21,6 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, "target", "bench-venv")
 WORK = os.path.join(ROOT, "target", "bench-cpu")
 PY = os.path.join(VENV, "bin", "python")
+# What the numbers in BENCHMARKS.md were measured with.
+PINNED = ["onnxruntime==1.32.0", "onnx==1.23.2", "onnxscript==0.7.2", "numpy==2.4.6", "safetensors==0.8.0",
+          "pillow==13.0.0"]
+TORCH = "torch==2.15.0"
+RUNTIMES = ("cycleserve", "torch", "torch_autocast", "torch_bf16", "ort")
+LABELS = {"cycleserve": "cycleserve f32", "torch": "PyTorch f32", "torch_autocast": "PyTorch bf16 autocast",
+          "torch_bf16": "PyTorch pure bf16", "ort": "ONNX Runtime f32"}
 
 
 def ensure_venv():
@@ -29,9 +42,9 @@ def ensure_venv():
     subprocess.check_call([sys.executable, "-m", "venv", VENV])
     pip = [PY, "-m", "pip", "install", "--quiet"]
     # The CPU-only wheel is a tenth of the size; fall back to PyPI's default where its index is unreachable.
-    if subprocess.call(pip + ["torch", "--index-url", "https://download.pytorch.org/whl/cpu"]) != 0:
-        subprocess.check_call(pip + ["torch"])
-    subprocess.check_call(pip + ["onnxruntime", "onnx", "onnxscript", "numpy", "safetensors", "pillow"])
+    if subprocess.call(pip + [TORCH, "--index-url", "https://download.pytorch.org/whl/cpu"]) != 0:
+        subprocess.check_call(pip + [TORCH])
+    subprocess.check_call(pip + PINNED)
     open(os.path.join(VENV, ".ready"), "w").close()
 
 
@@ -44,48 +57,123 @@ def cycleserve_bin():
     return os.path.join(ROOT, "target", "release", "cycleserve"), bench
 
 
-# --- run inside the bench venv -------------------------------------------------------------
+# --- run inside the bench venv: each op imports only the library it measures ------------------
 WORKER = r'''
-import json, sys, time, numpy as np, torch, onnxruntime as ort
+import json, sys, time
+import numpy as np
 sys.path.insert(0, sys.argv[1])
-from pytorch_reference import generator
 cmd = json.loads(sys.argv[2])
-torch.set_num_threads(cmd["threads"])
-torch.set_grad_enabled(False)
+op = cmd["op"]
 
-def net(family):
-    torch.manual_seed(0)
-    g = generator(family, 64, 9, False).eval()
-    for m in g.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-            torch.nn.init.normal_(m.weight, 0, 0.02); torch.nn.init.zeros_(m.bias)
-    return g
+def given_input():
+    if cmd.get("input"):
+        return np.load(cmd["input"])
+    return np.random.default_rng(0).uniform(-1, 1, (cmd["batch"], 3, cmd["size"], cmd["size"])).astype(np.float32)
 
-if cmd["op"] == "prepare":
+if op == "compare":
+    ref = np.load(cmd["reference"])
+    for name, path in cmd["outputs"].items():
+        out = np.load(path)
+        levels = np.abs(np.round((out + 1) * 127.5) - np.round((ref + 1) * 127.5))
+        print(json.dumps({"runtime": name, "max_abs": float(np.abs(out - ref).max()),
+                          "within_one_level": float((levels <= 1).mean()), "max_levels": int(levels.max())}))
+    sys.exit(0)
+
+if op.startswith("torch") or op == "prepare":
+    import torch
+    from pytorch_reference import generator
+    torch.set_num_threads(cmd["threads"])
+    torch.set_grad_enabled(False)
+
+    def net(family):
+        torch.manual_seed(0)
+        g = generator(family, 64, 9, False).eval()
+        for m in g.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                torch.nn.init.normal_(m.weight, 0, 0.02); torch.nn.init.zeros_(m.bias)
+        return g
+
+if op == "prepare":
     for family in ("upsample", "transpose"):
         g = net(family)
         torch.save(g.state_dict(), f"{cmd['work']}/{family}.pth")
         torch.onnx.export(g, torch.zeros(1, 3, 256, 256), f"{cmd['work']}/{family}.onnx", input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
-elif cmd["op"] in ("torch", "ort"):
-    x = np.random.default_rng(0).uniform(-1, 1, (cmd["batch"], 3, cmd["size"], cmd["size"])).astype(np.float32)
-    if cmd["op"] == "torch":
-        g = net(cmd["family"]); t = torch.from_numpy(x); run = lambda: g(t)
-    else:
-        so = ort.SessionOptions(); so.intra_op_num_threads = cmd["threads"]; so.inter_op_num_threads = 1
-        s = ort.InferenceSession(f"{cmd['work']}/{cmd['family']}.onnx", so, providers=["CPUExecutionProvider"])
-        run = lambda: s.run(None, {"x": x})
-    run(); best = float("inf")
-    for _ in range(cmd["iters"]):
-        t0 = time.perf_counter(); run(); best = min(best, time.perf_counter() - t0)
-    print(json.dumps({"ms_per_image": best * 1e3 / cmd["batch"]}))
+    sys.exit(0)
+
+x = given_input()
+if op == "torch":
+    g = net(cmd["family"]); t = torch.from_numpy(x); run = lambda: g(t)
+elif op == "torch_autocast":
+    g = net(cmd["family"]).to(memory_format=torch.channels_last)
+    t = torch.from_numpy(x).to(memory_format=torch.channels_last)
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return g(t)
+elif op == "torch_bf16":
+    g = net(cmd["family"]).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    t = torch.from_numpy(x).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    run = lambda: g(t)
+else:
+    import onnxruntime as ort
+    so = ort.SessionOptions(); so.intra_op_num_threads = cmd["threads"]; so.inter_op_num_threads = 1
+    s = ort.InferenceSession(f"{cmd['work']}/{cmd['family']}.onnx", so, providers=["CPUExecutionProvider"])
+    run = lambda: s.run(None, {"x": x})[0]
+out = run(); best = float("inf")
+for _ in range(cmd["iters"]):
+    t0 = time.perf_counter(); run(); best = min(best, time.perf_counter() - t0)
+if cmd.get("output"):
+    out = out.float().numpy() if hasattr(out, "float") else out
+    np.save(cmd["output"], np.ascontiguousarray(out, dtype=np.float32))
+print(json.dumps({"ms_per_image": best * 1e3 / x.shape[0]}))
 '''
 
 
-def worker(cmd):
-    out = subprocess.check_output([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), json.dumps(cmd)], text=True)
-    lines = out.strip().splitlines()
-    return json.loads(lines[-1]) if lines else None
+def worker(cmd, env=None):
+    out = subprocess.check_output([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), json.dumps(cmd)], text=True,
+                                  env=env)
+    return [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+
+
+def ours(bench, family, size, batch, env, iters=3, files=None):
+    argv = [bench, "forward", "--model", f"{WORK}/{family}.safetensors", "--size", str(size), "--batch",
+            str(batch), "--iters", str(iters)]
+    if files:
+        argv += ["--input", files[0], "--output", files[1]]
+    out = subprocess.check_output(argv, text=True, env=env, cwd=ROOT)
+    return json.loads(out.strip().splitlines()[-1])["ms_per_image"]
+
+
+def measure(bench, runtime, family, size, batch, threads, env, iters=3, files=None):
+    if runtime == "cycleserve":
+        return ours(bench, family, size, batch, env, iters, files)
+    cmd = {"op": runtime, "work": WORK, "threads": threads, "family": family, "size": size, "batch": batch,
+           "iters": iters}
+    if files:
+        cmd.update(input=files[0], output=files[1])
+    return worker(cmd, env)[-1]["ms_per_image"]
+
+
+def check_agreement(bench, threads, env):
+    """Every runtime on one 256² input; fails unless the outputs agree."""
+    print("\nOutputs against PyTorch f32 on one 256² input (random N(0, 0.02) weights)\n")
+    print("| family | runtime | max abs | within ±1 level | max levels |")
+    print("|---|---|---|---|---|")
+    for family in ("upsample", "transpose"):
+        x = f"{WORK}/agree_in.npy"
+        subprocess.check_call([PY, "-c", "import numpy as np; np.save('%s', np.random.default_rng(1).uniform("
+                               "-1, 1, (1, 3, 256, 256)).astype(np.float32))" % x])
+        outputs = {rt: f"{WORK}/agree_{family}_{rt}.npy" for rt in RUNTIMES}
+        for rt, path in outputs.items():
+            measure(bench, rt, family, 256, 1, threads, env, iters=1, files=(x, path))
+        reference = outputs.pop("torch")
+        for row in worker({"op": "compare", "reference": reference, "outputs": outputs}):
+            rt = row["runtime"]
+            print(f"| {family} | {LABELS[rt]} | {row['max_abs']:.1e} | {100 * row['within_one_level']:.2f} % | "
+                  f"{row['max_levels']} |")
+            bound_ok = row["max_levels"] <= 16 if rt.endswith(("autocast", "bf16")) else row["max_abs"] < 1e-3
+            if not bound_ok:
+                sys.exit(f"{LABELS[rt]} disagrees with PyTorch f32 on {family}: {row}")
 
 
 def peak_rss_kb(argv, env=None):
@@ -104,21 +192,17 @@ def main():
     os.makedirs(WORK, exist_ok=True)
     server, bench = cycleserve_bin()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    worker({"op": "prepare", "work": WORK, "threads": args.threads})
+    worker({"op": "prepare", "work": WORK, "threads": args.threads}, env)
     for family in ("upsample", "transpose"):
         subprocess.check_call([server, "import", "--x2y", f"{WORK}/{family}.pth", "--domains", "x,y",
                                "--out", f"{WORK}/{family}.safetensors"], stdout=subprocess.DEVNULL, env=env)
+    check_agreement(bench, args.threads, env)
 
     configs = [(f, s, b) for f in ("upsample", "transpose") for s in (256, 512) for b in (1, 4)]
     best = {}
     for round_ in range(args.rounds):
         for family, size, batch in configs:
-            ours = subprocess.check_output([bench, "forward", "--model", f"{WORK}/{family}.safetensors", "--size",
-                                            str(size), "--batch", str(batch), "--iters", "3"], text=True, env=env, cwd=ROOT)
-            results = {"cycleserve": json.loads(ours.strip().splitlines()[-1])["ms_per_image"]}
-            for rt in ("torch", "ort"):
-                results[rt] = worker({"op": rt, "work": WORK, "threads": args.threads, "family": family,
-                                      "size": size, "batch": batch, "iters": 3})["ms_per_image"]
+            results = {rt: measure(bench, rt, family, size, batch, args.threads, env) for rt in RUNTIMES}
             for rt, ms in results.items():
                 key = (family, size, batch, rt)
                 best[key] = min(best.get(key, float("inf")), ms)
@@ -126,26 +210,29 @@ def main():
                   ", ".join(f"{rt} {ms:.0f} ms" for rt, ms in results.items()), file=sys.stderr)
 
     print(f"\nCPU inference, ms/image (best of {args.rounds} interleaved rounds × 3 calls), {args.threads} threads\n")
-    print("| family | size | batch | cycleserve | PyTorch | ONNX Runtime | cycleserve / ORT | cycleserve / PyTorch |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| family | size | batch | " + " | ".join(LABELS[rt] for rt in RUNTIMES) +
+          " | cycleserve / best PyTorch | cycleserve / ORT |")
+    print("|---|---|---|" + "---|" * (len(RUNTIMES) + 2))
     for family, size, batch in configs:
-        c, t, o = (best[(family, size, batch, rt)] for rt in ("cycleserve", "torch", "ort"))
-        print(f"| {family} | {size}² | {batch} | {c:.0f} | {t:.0f} | {o:.0f} | {c / o:.2f} | {c / t:.2f} |")
+        ms = {rt: best[(family, size, batch, rt)] for rt in RUNTIMES}
+        fastest_torch = min(ms["torch"], ms["torch_autocast"], ms["torch_bf16"])
+        print(f"| {family} | {size}² | {batch} | " + " | ".join(f"{ms[rt]:.0f}" for rt in RUNTIMES) +
+              f" | {ms['cycleserve'] / fastest_torch:.2f} | {ms['cycleserve'] / ms['ort']:.2f} |")
 
     image = os.path.join(WORK, "big.png")
     subprocess.check_call([PY, "-c", "import numpy as np, PIL.Image as I; I.fromarray(np.random.default_rng(0)"
                            f".integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save('{image}')"])
-    print("\nPeak resident memory, one 1024×1024 image, upsample family (fresh process each)\n")
+    print("\nPeak resident memory, one 1024×1024 image, upsample family (fresh process each, own library only)\n")
     print("| runtime | peak RSS |")
     print("|---|---|")
-    ours = peak_rss_kb([server, "translate", "--device", "cpu", "--model", f"{WORK}/upsample.safetensors", image,
-                        os.path.join(WORK, "big_out.png")], env)
-    rows = [("cycleserve translate (whole CLI: decode, network, encode)", ours)]
-    for rt in ("torch", "ort"):
+    rows = [("cycleserve translate (whole CLI: decode, network, encode)",
+             peak_rss_kb([server, "translate", "--device", "cpu", "--model", f"{WORK}/upsample.safetensors", image,
+                          os.path.join(WORK, "big_out.png")], env))]
+    for rt in RUNTIMES[1:]:
         cmd = json.dumps({"op": rt, "work": WORK, "threads": args.threads, "family": "upsample", "size": 1024,
                           "batch": 1, "iters": 1})
-        rows.append((f"{'PyTorch eager' if rt == 'torch' else 'ONNX Runtime'} (network only)",
-                     peak_rss_kb([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), cmd], env)))
+        rows.append((f"{LABELS[rt]} (network only)", peak_rss_kb([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), cmd],
+                                                                 env)))
     for name, kb in rows:
         print(f"| {name} | {kb / 1024:.0f} MiB |")
 
