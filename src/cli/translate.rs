@@ -13,6 +13,7 @@ mod inputs;
 mod pipeline;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::Device;
@@ -68,10 +69,10 @@ pub struct TranslateArgs {
 pub fn run(args: TranslateArgs, progress: ProgressOutput) -> anyhow::Result<()> {
     // Usage mistakes are refused before the model is loaded.
     let plan = inputs::plan(&args.paths, args.out_dir.as_deref(), args.format)?;
-    let device = args.device.open()?;
-    let model = Model::load(&args.model, &device)?;
-    let direction = model.metadata.domains.parse_direction(&args.direction).map_err(anyhow::Error::msg)?;
-    model.ensure_direction(direction)?;
+    if plan.jobs.is_empty() && plan.unlisted.is_empty() {
+        tracing::warn!("no image files in the folders given");
+    }
+    let (device, model, direction) = load(&args)?;
     let budget = match args.memory_budget {
         Some(bytes) => bytes,
         None => memory::default_budget()?,
@@ -84,24 +85,14 @@ pub fn run(args: TranslateArgs, progress: ProgressOutput) -> anyhow::Result<()> 
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()).min(4),
     };
 
-    let bar =
-        (progress == ProgressOutput::Bars && plan.jobs.len() > 1).then(|| progress_bar(plan.jobs.len()));
-    let failed = std::sync::atomic::AtomicUsize::new(0);
-    let done = |ok: bool| {
-        let Some(bar) = &bar else { return };
-        bar.pb_inc(1);
-        if !ok {
-            let failed = failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            bar.pb_set_message(&format!("{failed} failed"));
-        }
-    };
+    let bar = Bar::new(progress, plan.jobs.len());
     let started = Instant::now();
-    let report = pipeline::run(&plan.jobs, &settings, &mut network, &done);
+    let report = pipeline::run(&plan.jobs, &settings, &mut network, &|ok| bar.done(ok));
     drop(bar);
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         direction = %model.metadata.domains.direction_name(direction),
-        images = plan.jobs.len(),
+        images = plan.jobs.len() + plan.unlisted.len(),
         written = report.written,
         failed = report.failures.len() + plan.unlisted.len(),
         batches = report.batches,
@@ -110,6 +101,15 @@ pub fn run(args: TranslateArgs, progress: ProgressOutput) -> anyhow::Result<()> 
         "translated"
     );
     outcome(plan, report)
+}
+
+/// The device, the model on it, and the direction asked for.
+fn load(args: &TranslateArgs) -> anyhow::Result<(Device, Model, Direction)> {
+    let device = args.device.open()?;
+    let model = Model::load(&args.model, &device)?;
+    let direction = model.metadata.domains.parse_direction(&args.direction).map_err(anyhow::Error::msg)?;
+    model.ensure_direction(direction)?;
+    Ok((device, model, direction))
 }
 
 /// Ok when every input was translated; otherwise an error listing each failure.
@@ -134,17 +134,39 @@ fn outcome(plan: Plan, report: Report) -> anyhow::Result<()> {
     }
 }
 
-fn progress_bar(jobs: usize) -> tracing::Span {
-    let span = tracing::info_span!("translate", indicatif.pb_show = tracing::field::Empty);
-    let style = indicatif::ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:30}] {pos}/{len} images {per_sec} ETA {eta} {msg}",
-    )
-    .expect("valid progress template")
-    .progress_chars("=> ");
-    span.pb_set_style(&style);
-    span.pb_set_length(jobs as u64);
-    span.pb_start();
-    span
+/// The progress bar of a run of several images, drawn on a terminal only.
+struct Bar {
+    /// The span that owns the bar; dropping it removes the bar.
+    span: Option<tracing::Span>,
+    failed: AtomicUsize,
+}
+
+impl Bar {
+    fn new(output: ProgressOutput, jobs: usize) -> Self {
+        let span = (output == ProgressOutput::Bars && jobs > 1).then(|| {
+            let span = tracing::info_span!("translate", indicatif.pb_show = tracing::field::Empty);
+            let style = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} images {per_sec} ETA {eta} {msg}",
+            )
+            .expect("valid progress template")
+            .progress_chars("=> ");
+            span.pb_set_style(&style);
+            span.pb_set_length(jobs as u64);
+            span.pb_start();
+            span
+        });
+        Self { span, failed: AtomicUsize::new(0) }
+    }
+
+    /// One image finished, written (`ok`) or failed.
+    fn done(&self, ok: bool) {
+        let Some(span) = &self.span else { return };
+        span.pb_inc(1);
+        if !ok {
+            let failed = self.failed.fetch_add(1, Ordering::Relaxed) + 1;
+            span.pb_set_message(&format!("{failed} failed"));
+        }
+    }
 }
 
 /// The loaded model on its device, with batches capped by the memory a pass may use.

@@ -41,11 +41,11 @@ pub struct Plan {
 pub fn plan(paths: &[PathBuf], out_dir: Option<&Path>, format: OutputFormat) -> anyhow::Result<Plan> {
     match out_dir {
         Some(dir) => into_folder(paths, dir, format),
-        None => single(paths),
+        None => single(paths, format),
     }
 }
 
-fn single(paths: &[PathBuf]) -> anyhow::Result<Plan> {
+fn single(paths: &[PathBuf], format: OutputFormat) -> anyhow::Result<Plan> {
     let [input, output] = paths else {
         bail!(
             "several images or a folder need --out-dir DIR; a single image is translated with \
@@ -60,6 +60,14 @@ fn single(paths: &[PathBuf]) -> anyhow::Result<Plan> {
     }
     if entry(input) == entry(output) {
         bail!("refusing to overwrite the input {} with its result", input.display());
+    }
+    let named = ImageFormat::from_path(output).ok().filter(|f| f.reading_enabled());
+    if named.is_some_and(|f| f.to_mime_type() != format.mime_type()) {
+        tracing::warn!(
+            output = %output.display(),
+            format = format.extension(),
+            "the result's format is not the one its extension names; --format chooses it"
+        );
     }
     Ok(Plan { jobs: vec![Job { input: input.clone(), output: output.clone() }], ..Plan::default() })
 }
