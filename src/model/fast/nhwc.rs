@@ -115,8 +115,9 @@ pub enum After<'a> {
 }
 
 /// Pixels per partial sum of the instance-norm statistics. Fixed, so that how the sums are
-/// split, and therefore their rounding, depends neither on the thread count nor on the batch.
-const NORM_CHUNK_PIXELS: usize = 1024;
+/// split, and therefore their rounding, depends neither on the thread count nor on the batch;
+/// small, so that even the 64×64 planes of the residual blocks spread over 16 threads.
+const NORM_CHUNK_PIXELS: usize = 256;
 
 /// Instance norm (biased variance, eps 1e-5, optional scale and shift) per sample and channel,
 /// then ReLU or a residual add, in place. Statistics are accumulated in f64, over fixed chunks
