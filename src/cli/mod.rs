@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::logging::{init_logging, LogArgs};
+use crate::logging::{init_logging, init_logging_with_progress, LogArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,7 +36,7 @@ enum Command {
         #[command(flatten)]
         logging: LogArgs,
     },
-    /// Translate one image file with a model file and write the result as PNG.
+    /// Translate an image file, or several files and folders into --out-dir, with a model file.
     Translate(translate::TranslateArgs),
     /// Convert PyTorch generator checkpoints (.pth) into a cycleserve model file.
     Import(import::ImportArgs),
@@ -57,13 +57,16 @@ pub fn main() -> ExitCode {
             init_logging(&logging);
             serve::run(args)
         }
+        Some(Command::Translate(args)) => {
+            let progress = init_logging_with_progress(&cli.logging);
+            translate::run(args, progress)
+        }
         Some(command) => {
             init_logging(&cli.logging);
             match command {
-                Command::Translate(args) => translate::run(args),
                 Command::Import(args) => import::run(args),
                 Command::Healthcheck(args) => healthcheck::run(args),
-                Command::Serve { .. } => unreachable!("handled above"),
+                Command::Serve { .. } | Command::Translate(_) => unreachable!("handled above"),
             }
         }
     };

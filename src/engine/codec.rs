@@ -294,12 +294,13 @@ pub fn from_network_output(chw: &[f32], padded_width: u32, source: &DecodedImage
     }
 }
 
-/// The formats results can be sent back in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// The formats results can be sent back in (or, from the command line, written in).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     #[default]
     Png,
+    #[value(alias = "jpg")]
     Jpeg,
     Webp,
 }
@@ -310,6 +311,15 @@ impl OutputFormat {
             Self::Png => "image/png",
             Self::Jpeg => "image/jpeg",
             Self::Webp => "image/webp",
+        }
+    }
+
+    /// The usual file-name extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpg",
+            Self::Webp => "webp",
         }
     }
 }

@@ -239,4 +239,42 @@ mod tests {
             assert!(err < 1e-5, "{config:?} {shape:?}: relative L2 {err:e}");
         }
     }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Each sample of a batch comes out bit for bit as it does alone, on any number of threads:
+    /// batching and scheduling change nothing but speed (the CLI's folder mode relies on it).
+    #[test]
+    fn a_batch_computes_each_sample_exactly_as_alone_on_any_thread_count() {
+        for (family, norm_affine) in [(Family::Upsample, false), (Family::Transpose, true)] {
+            let config = GeneratorConfig { family, ngf: 8, n_blocks: 2, norm_affine };
+            let varmap = VarMap::new();
+            Generator::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+            let weights: HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let fast = FastGenerator::new(config, &weights).unwrap();
+            let batch = Tensor::rand(-1f32, 1., (3, 3, 44, 68), &Device::Cpu).unwrap();
+            let together = fast.forward(&batch).unwrap();
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let again = pool.install(|| fast.forward(&batch)).unwrap();
+                assert!(bits(&again) == bits(&together), "{config:?}: {threads} threads change the result");
+            }
+            for i in 0..3 {
+                let alone = fast.forward(&batch.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(
+                    bits(&together.narrow(0, i, 1).unwrap()),
+                    bits(&alone),
+                    "{config:?}: sample {i} of a batch differs from its run alone"
+                );
+            }
+        }
+    }
 }

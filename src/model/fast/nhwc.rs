@@ -114,14 +114,20 @@ pub enum After<'a> {
     Residual(&'a Nhwc),
 }
 
+/// Pixels per partial sum of the instance-norm statistics. Fixed, so that how the sums are
+/// split, and therefore their rounding, depends neither on the thread count nor on the batch;
+/// small, so that even the 64×64 planes of the residual blocks spread over 16 threads.
+const NORM_CHUNK_PIXELS: usize = 256;
+
 /// Instance norm (biased variance, eps 1e-5, optional scale and shift) per sample and channel,
-/// then ReLU or a residual add, in place. Statistics are accumulated in f64.
+/// then ReLU or a residual add, in place. Statistics are accumulated in f64, over fixed chunks
+/// added in order: every run gives the same bits whatever the scheduling.
 pub fn instance_norm(x: &mut Nhwc, affine: Option<(&[f32], &[f32])>, after: After) {
     let (c, plane) = (x.c, x.h * x.w);
     let sample_len = x.sample_len();
     for s in 0..x.n {
         let data = &mut x.data[s * sample_len..(s + 1) * sample_len];
-        let chunk = plane.div_ceil(rayon::current_num_threads().max(1) * 4).max(1) * c;
+        let chunk = NORM_CHUNK_PIXELS * c;
         let sums = data
             .par_chunks(chunk)
             .map(|part| {
@@ -133,7 +139,9 @@ pub fn instance_norm(x: &mut Nhwc, affine: Option<(&[f32], &[f32])>, after: Afte
                 }
                 sum
             })
-            .reduce(|| vec![0f64; c], add);
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(vec![0f64; c], add);
         let mean: Vec<f64> = sums.iter().map(|s| s / plane as f64).collect();
         let squares = data
             .par_chunks(chunk)
@@ -147,7 +155,9 @@ pub fn instance_norm(x: &mut Nhwc, affine: Option<(&[f32], &[f32])>, after: Afte
                 }
                 sum
             })
-            .reduce(|| vec![0f64; c], add);
+            .collect::<Vec<_>>()
+            .into_iter()
+            .fold(vec![0f64; c], add);
         // y = (x − mean) · scale + shift, with the norm's own affine parameters folded in.
         let centre: Vec<f32> = mean.iter().map(|m| *m as f32).collect();
         let mut scale = vec![0f32; c];
