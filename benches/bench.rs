@@ -162,7 +162,9 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
                         for _ in 0..share {
                             let ticket = engine.admit(bytes.len() as u64)?;
                             done.push(
-                                engine.translate(ticket, target.clone(), bytes.clone(), OutputFormat::Png).await?,
+                                engine
+                                    .translate(ticket, target.clone(), bytes.clone(), OutputFormat::Png)
+                                    .await?,
                             );
                         }
                         anyhow::Ok(done)

@@ -180,7 +180,8 @@ fn test_engine(
         Ok(Box::new(TestRunner { gate, computed: counter, panic_on_first }) as Box<dyn BatchRunner>)
     });
     let recorder = Arc::new(Recorder::default());
-    let engine = Engine::with_runners(vec![loaded], Executor::FastCpu, vec![factory], config, recorder.clone());
+    let engine =
+        Engine::with_runners(vec![loaded], Executor::FastCpu, vec![factory], config, recorder.clone());
     (Arc::new(engine), recorder, computed)
 }
 
@@ -317,7 +318,9 @@ async fn shutdown_finishes_what_is_admitted_and_refuses_the_rest() {
         .map(|_| {
             let ticket = engine.admit(bytes.len() as u64).unwrap();
             let (engine, bytes) = (Arc::clone(&engine), bytes.clone());
-            tokio::spawn(async move { engine.translate(ticket, x2y(&engine), bytes, OutputFormat::Png).await })
+            tokio::spawn(
+                async move { engine.translate(ticket, x2y(&engine), bytes, OutputFormat::Png).await },
+            )
         })
         .collect();
     gate.wait_started(1).await;

@@ -37,12 +37,13 @@ impl ModelInfo {
 pub fn load_model(path: &Path) -> Result<(ModelInfo, ModelFile), ModelError> {
     let bytes = std::fs::read(path).map_err(|error| ModelError::Io { path: path.to_path_buf(), error })?;
     let sha256 = sha256_hex(&bytes);
-    parse_model(path, &bytes, sha256)
+    parse_model(path, &bytes, sha256).map_err(|e| e.in_file(path))
 }
 
-/// Checks the model file `path` whose content is `bytes` (with that SHA-256, hex).
+/// Checks the content `bytes` (with that SHA-256, hex) of the model file `path`; errors do not
+/// repeat the path.
 pub fn parse_model(path: &Path, bytes: &[u8], sha256: String) -> Result<(ModelInfo, ModelFile), ModelError> {
-    let file = ModelFile::from_bytes(bytes, &Device::Cpu).map_err(|e| e.in_file(path))?;
+    let file = ModelFile::from_bytes(bytes, &Device::Cpu)?;
     let info = ModelInfo {
         name: model_name(path),
         path: path.to_path_buf(),

@@ -200,7 +200,8 @@ impl Engine {
         let factories: Vec<RunnerFactory> = devices
             .into_iter()
             .map(|device| {
-                Box::new(move || Ok(Box::new(ModelRunner::new(device)) as Box<dyn BatchRunner>)) as RunnerFactory
+                Box::new(move || Ok(Box::new(ModelRunner::new(device)) as Box<dyn BatchRunner>))
+                    as RunnerFactory
             })
             .collect();
         Self::with_runners(models, executor, factories, config, observer)

@@ -98,7 +98,10 @@ impl Queue {
     /// A queue for `workers` workers, each with its own mailbox.
     pub fn new(workers: usize) -> Self {
         let mail = (0..workers).map(|_| Some(VecDeque::new())).collect();
-        Self { state: Mutex::new(State { entries: VecDeque::new(), closed: false, mail }), changed: Condvar::new() }
+        Self {
+            state: Mutex::new(State { entries: VecDeque::new(), closed: false, mail }),
+            changed: Condvar::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

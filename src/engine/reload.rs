@@ -160,7 +160,8 @@ impl Reloader {
         }
         let (owned, sha256) = (path.to_path_buf(), digest.clone());
         let parsed =
-            blocking(move || catalog::parse_model(&owned, &bytes, sha256).map_err(std::io::Error::other)).await;
+            blocking(move || catalog::parse_model(&owned, &bytes, sha256).map_err(std::io::Error::other))
+                .await;
         let prepared = match parsed {
             Ok((info, file)) => self.engine.prepare(info, file).await,
             Err(error) => Err(error.to_string()),
@@ -190,7 +191,11 @@ impl Reloader {
     fn fail(&self, name: &str, file: &str, sha256: Option<String>, error: String, rescan: &mut Rescan) {
         let serving = self.engine.model(name).map(|v| v.info.sha256.clone());
         tracing::error!(
-            model = %name, file, sha256 = ?sha256, serving_sha256 = ?serving, %error,
+            model = %name,
+            file,
+            sha256 = sha256.as_deref().unwrap_or("unreadable"),
+            serving_sha256 = serving.as_deref().unwrap_or("none"),
+            %error,
             "model file failed to load; what served before still serves"
         );
         self.engine.set_load_failure(name, Some(LoadFailure::new(name, file, sha256, error)));

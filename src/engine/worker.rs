@@ -94,7 +94,8 @@ impl BatchRunner for ModelRunner {
         let model = Model::from_file(file, &self.device).map_err(|e| e.to_string())?;
         let probe = DecodedImage::from_rgb(image::RgbImage::from_pixel(32, 32, image::Rgb([128, 64, 192])));
         for direction in model.directions() {
-            run_batch(&model, direction, &[&probe], &self.device).map_err(|e| format!("warm-up failed: {e}"))?;
+            run_batch(&model, direction, &[&probe], &self.device)
+                .map_err(|e| format!("warm-up failed: {e}"))?;
         }
         self.models.insert(version, model);
         Ok(())
@@ -110,7 +111,8 @@ impl BatchRunner for ModelRunner {
         direction: Direction,
         images: &[&DecodedImage],
     ) -> Result<Vec<DynamicImage>, String> {
-        let model = self.models.get(&version).ok_or_else(|| format!("model version {version} is not loaded"))?;
+        let model =
+            self.models.get(&version).ok_or_else(|| format!("model version {version} is not loaded"))?;
         run_batch(model, direction, images, &self.device).map_err(|e| e.to_string())
     }
 }
