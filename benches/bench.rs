@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use cycleserve::engine::catalog::load_model;
 use cycleserve::engine::codec::OutputFormat;
 use cycleserve::engine::observer::NoopObserver;
-use cycleserve::engine::{Engine, EngineConfig, Target};
+use cycleserve::engine::{Engine, EngineConfig};
 use cycleserve::model::{Direction, Family, GeneratorConfig, Model};
 use cycleserve::train::optim::AdamConfig;
 use cycleserve::train::{TrainConfig, Trainer};
@@ -157,20 +157,22 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
         while !engine.is_ready() {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let target = Target { model: 0, direction: Direction::XtoY };
+        let target = engine.resolve(None, "x2y")?;
         for &n in callers {
             let started = Instant::now();
             let timings = runtime.block_on(async {
                 let mut tasks = Vec::new();
                 for caller in 0..n {
-                    let (engine, bytes) = (Arc::clone(&engine), bytes.clone());
+                    let (engine, bytes, target) = (Arc::clone(&engine), bytes.clone(), target.clone());
                     let share = requests / n + usize::from(caller < requests % n);
                     tasks.push(tokio::spawn(async move {
                         let mut done = Vec::new();
                         for _ in 0..share {
                             let ticket = engine.admit(bytes.len() as u64)?;
                             done.push(
-                                engine.translate(ticket, target, bytes.clone(), OutputFormat::Png).await?,
+                                engine
+                                    .translate(ticket, target.clone(), bytes.clone(), OutputFormat::Png)
+                                    .await?,
                             );
                         }
                         anyhow::Ok(done)

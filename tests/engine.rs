@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::Device;
 use common::*;
-use cycleserve::engine::catalog::{load_model, ModelInfo};
+use cycleserve::engine::catalog::load_model;
 use cycleserve::engine::codec::{self, DecodeOptions, DecodedImage, ImageError, OutputFormat};
 use cycleserve::engine::observer::{Observer, Outcome};
 use cycleserve::engine::worker::{BatchRunner, RunnerFactory};
 use cycleserve::engine::{run_batch, Engine, EngineConfig, EngineError, Target, Translation};
-use cycleserve::model::{Direction, Executor, Model};
+use cycleserve::model::{Direction, Executor, Model, ModelFile};
 use image::DynamicImage;
 
 /// Records every event, for assertions.
@@ -84,7 +84,7 @@ async fn concurrent_callers_get_byte_identical_results_in_real_batches() {
         let direction = if i % 3 == 0 { "y2x" } else { "photo2painting" };
         tasks.push(tokio::spawn(async move {
             let target = engine.resolve(None, direction).unwrap();
-            (name, target, submit(&engine, target, bytes_of(name)).await.unwrap())
+            (name, target.clone(), submit(&engine, target, bytes_of(name)).await.unwrap())
         }));
     }
     let model = Model::load(&model_file(dir.path()), &Device::Cpu).unwrap();
@@ -153,7 +153,11 @@ struct TestRunner {
 }
 
 impl BatchRunner for TestRunner {
-    fn run(&mut self, _: usize, _: Direction, images: &[&DecodedImage]) -> Result<Vec<DynamicImage>, String> {
+    fn load(&mut self, _: u64, _: ModelFile) -> Result<(), String> {
+        Ok(())
+    }
+    fn unload(&mut self, _: u64) {}
+    fn run(&mut self, _: u64, _: Direction, images: &[&DecodedImage]) -> Result<Vec<DynamicImage>, String> {
         if std::mem::take(&mut self.panic_on_first) {
             panic!("deliberate failure");
         }
@@ -169,19 +173,20 @@ fn test_engine(
     gate: Gate,
     panic_on_first: bool,
 ) -> (Arc<Engine>, Arc<Recorder>, Arc<AtomicUsize>) {
-    let (info, _): (ModelInfo, _) = load_model(&model_file(dir)).unwrap();
+    let loaded = load_model(&model_file(dir)).unwrap();
     let computed = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&computed);
     let factory: RunnerFactory = Box::new(move || {
         Ok(Box::new(TestRunner { gate, computed: counter, panic_on_first }) as Box<dyn BatchRunner>)
     });
     let recorder = Arc::new(Recorder::default());
-    let engine = Engine::with_runners(vec![info], Executor::FastCpu, vec![factory], config, recorder.clone());
+    let engine =
+        Engine::with_runners(vec![loaded], Executor::FastCpu, vec![factory], config, recorder.clone());
     (Arc::new(engine), recorder, computed)
 }
 
-fn x2y() -> Target {
-    Target { model: 0, direction: Direction::XtoY }
+fn x2y(engine: &Engine) -> Target {
+    engine.resolve(None, "x2y").unwrap()
 }
 
 /// Polls a condition on the engine's state (not on time): up to a minute, then fails.
@@ -198,7 +203,7 @@ fn spawn_x2y(
     name: &'static str,
 ) -> tokio::task::JoinHandle<Result<Translation, EngineError>> {
     let engine = Arc::clone(engine);
-    tokio::spawn(async move { submit(&engine, x2y(), bytes_of(name)).await })
+    tokio::spawn(async move { submit(&engine, x2y(&engine), bytes_of(name)).await })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -221,7 +226,7 @@ async fn a_full_queue_refuses_at_once_and_frees_up_after() {
         assert!(q.await.unwrap().is_ok());
     }
     gate.open(1);
-    assert!(submit(&engine, x2y(), bytes_of("gray16.png")).await.is_ok());
+    assert!(submit(&engine, x2y(&engine), bytes_of("gray16.png")).await.is_ok());
     assert_eq!(recorder.count(Outcome::Overloaded), 1);
 }
 
@@ -267,22 +272,22 @@ async fn a_failing_batch_fails_alone_and_bad_images_fail_alone() {
     };
     let (engine, recorder, _) = test_engine(dir.path(), config, Gate::new(true), true);
     wait_ready(&engine).await;
-    let failed = submit(&engine, x2y(), bytes_of("gray16.png")).await;
+    let failed = submit(&engine, x2y(&engine), bytes_of("gray16.png")).await;
     assert!(
         matches!(&failed, Err(EngineError::Internal(m)) if m.contains("deliberate failure")),
         "{failed:?}"
     );
-    assert!(submit(&engine, x2y(), bytes_of("gray16.png")).await.is_ok());
+    assert!(submit(&engine, x2y(&engine), bytes_of("gray16.png")).await.is_ok());
 
     let png = std::fs::read(fixture("photo_250x198.png")).unwrap();
-    let truncated = submit(&engine, x2y(), Bytes::from(png[..png.len() / 3].to_vec())).await;
+    let truncated = submit(&engine, x2y(&engine), Bytes::from(png[..png.len() / 3].to_vec())).await;
     assert!(matches!(truncated, Err(EngineError::Image(ImageError::Corrupt(_)))), "{truncated:?}");
     let mut bomb = image::GrayImage::new(4000, 4000);
     bomb.put_pixel(0, 0, image::Luma([1]));
     let mut encoded = Vec::new();
     bomb.write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png).unwrap();
     assert!(encoded.len() < 100_000, "16 Mpixel PNG compresses to {} bytes", encoded.len());
-    let refused = submit(&engine, x2y(), Bytes::from(encoded)).await;
+    let refused = submit(&engine, x2y(&engine), Bytes::from(encoded)).await;
     assert!(
         matches!(
             refused,
@@ -290,7 +295,7 @@ async fn a_failing_batch_fails_alone_and_bad_images_fail_alone() {
         ),
         "{refused:?}"
     );
-    assert!(submit(&engine, x2y(), bytes_of("photo_250x198.png")).await.is_ok());
+    assert!(submit(&engine, x2y(&engine), bytes_of("photo_250x198.png")).await.is_ok());
     assert_eq!(recorder.count(Outcome::Internal), 1);
     assert_eq!(recorder.count(Outcome::BadImage), 1);
     assert_eq!(recorder.count(Outcome::TooLarge), 1);
@@ -313,7 +318,9 @@ async fn shutdown_finishes_what_is_admitted_and_refuses_the_rest() {
         .map(|_| {
             let ticket = engine.admit(bytes.len() as u64).unwrap();
             let (engine, bytes) = (Arc::clone(&engine), bytes.clone());
-            tokio::spawn(async move { engine.translate(ticket, x2y(), bytes, OutputFormat::Png).await })
+            tokio::spawn(
+                async move { engine.translate(ticket, x2y(&engine), bytes, OutputFormat::Png).await },
+            )
         })
         .collect();
     gate.wait_started(1).await;
@@ -344,10 +351,10 @@ fn requests_name_models_and_directions_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_cannot_load_reports_why() {
     let dir = tempfile::tempdir().unwrap();
-    let (info, _) = load_model(&model_file(dir.path())).unwrap();
+    let loaded = load_model(&model_file(dir.path())).unwrap();
     let factory: RunnerFactory = Box::new(|| Err("out of device memory".to_string()));
     let engine = Engine::with_runners(
-        vec![info],
+        vec![loaded],
         Executor::FastCpu,
         vec![factory],
         EngineConfig::default(),

@@ -9,6 +9,7 @@ use clap::Args;
 use crate::device::{device_name, DeviceSpec};
 use crate::engine::catalog::load_models_dir;
 use crate::engine::codec::DecodeOptions;
+use crate::engine::reload::{self, Hangups, Reloader};
 use crate::engine::{Engine, EngineConfig, Oversize};
 use crate::http::auth::ApiKeys;
 use crate::http::connections::ConnectionLimits;
@@ -24,8 +25,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CYCLESERVE_PORT", default_value_t = 8080)]
     port: u16,
     /// Folder whose *.safetensors model files are all loaded; a file's name is its model name.
+    /// SIGHUP rescans it: new files are loaded, changed ones swapped, removed ones unloaded.
     #[arg(long, env = "CYCLESERVE_MODELS_DIR", default_value = "models")]
     models_dir: PathBuf,
+    /// Also rescan the models folder this often (e.g. `10s`, `1m`); off by default.
+    #[arg(long, env = "CYCLESERVE_MODELS_WATCH", value_parser = humantime::parse_duration)]
+    models_watch: Option<Duration>,
     /// Where the networks run: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "CYCLESERVE_DEVICE", default_value = "auto")]
     device: DeviceSpec,
@@ -142,6 +147,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::new(models, vec![device], config, Arc::new(metrics::PrometheusObserver));
     let engine = Arc::new(engine);
     refuse_models_beyond_the_budget(&engine)?;
+    // Before the server announces itself: from here on SIGHUP rescans instead of ending us.
+    let hangups = Hangups::listen()?;
+    let reloader = Arc::new(Reloader::new(Arc::clone(&engine), args.models_dir.clone()));
+    if let Some(interval) = args.models_watch {
+        tracing::info!(dir = %args.models_dir.display(), interval = %humantime::format_duration(interval), "watching the models folder");
+    }
+    tokio::spawn(reload::watch(reloader, args.models_watch.filter(|i| !i.is_zero()), hangups));
     let state = AppState {
         engine,
         metrics: Some(metrics_handle),
@@ -183,19 +195,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// A model whose smallest image does not fit the budget could never serve a request: refuse to
-/// start, naming what it needs, rather than answer every request with 413.
+/// start, naming what it needs, rather than answer every request with 413. (A rescan refuses
+/// such a file the same way, and keeps serving.)
 fn refuse_models_beyond_the_budget(engine: &Engine) -> anyhow::Result<()> {
-    for (index, info) in engine.models().iter().enumerate() {
-        if engine.largest_square(index) < crate::model::pixels::MIN_NETWORK_SIDE {
-            let needed = engine.memory_model(index).network_bytes(1, 8, 8);
-            anyhow::bail!(
-                "model `{}` ({}) needs {} MiB for even an 8×8 image, more than the memory budget of {} MiB",
-                info.name,
-                info.metadata.architecture,
-                needed >> 20,
-                engine.memory_budget() >> 20
-            );
-        }
+    for version in engine.models().iter() {
+        engine.check_fits_budget(&version.info, &version.memory).map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }

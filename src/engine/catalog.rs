@@ -1,11 +1,13 @@
 //! The models an engine serves: found in a folder, checked, described.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::versions::ModelVersion;
 use super::EngineError;
 use crate::model::{Direction, ModelError, ModelFile, ModelMetadata};
 
@@ -34,12 +36,18 @@ impl ModelInfo {
 /// Reads and checks one model file (on the CPU; workers move it to their device).
 pub fn load_model(path: &Path) -> Result<(ModelInfo, ModelFile), ModelError> {
     let bytes = std::fs::read(path).map_err(|error| ModelError::Io { path: path.to_path_buf(), error })?;
-    let file = ModelFile::from_bytes(&bytes, &Device::Cpu).map_err(|e| e.in_file(path))?;
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let sha256 = sha256_hex(&bytes);
+    parse_model(path, &bytes, sha256).map_err(|e| e.in_file(path))
+}
+
+/// Checks the content `bytes` (with that SHA-256, hex) of the model file `path`; errors do not
+/// repeat the path.
+pub fn parse_model(path: &Path, bytes: &[u8], sha256: String) -> Result<(ModelInfo, ModelFile), ModelError> {
+    let file = ModelFile::from_bytes(bytes, &Device::Cpu)?;
     let info = ModelInfo {
-        name,
+        name: model_name(path),
         path: path.to_path_buf(),
-        sha256: format!("{:x}", Sha256::digest(&bytes)),
+        sha256,
         size_bytes: bytes.len() as u64,
         directions: file.generators.keys().copied().collect(),
         parameters_per_generator: file.metadata.architecture.parameter_count(),
@@ -48,15 +56,28 @@ pub fn load_model(path: &Path) -> Result<(ModelInfo, ModelFile), ModelError> {
     Ok((info, file))
 }
 
-/// Every `*.safetensors` in `dir`, sorted by name. A folder without any is an error.
-pub fn load_models_dir(dir: &Path) -> Result<Vec<(ModelInfo, ModelFile)>, ModelError> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|error| ModelError::Io { path: dir.to_path_buf(), error })?;
-    let mut paths: Vec<PathBuf> = entries
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// The model a file stands for: its name without `.safetensors`.
+pub fn model_name(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The `*.safetensors` files in `dir`, sorted by name.
+pub fn model_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     paths.sort();
+    Ok(paths)
+}
+
+/// Every `*.safetensors` in `dir`, sorted by name. A folder without any is an error.
+pub fn load_models_dir(dir: &Path) -> Result<Vec<(ModelInfo, ModelFile)>, ModelError> {
+    let paths = model_files(dir).map_err(|error| ModelError::Io { path: dir.to_path_buf(), error })?;
     if paths.is_empty() {
         return Err(ModelError::Io {
             path: dir.to_path_buf(),
@@ -71,20 +92,21 @@ pub fn load_models_dir(dir: &Path) -> Result<Vec<(ModelInfo, ModelFile)>, ModelE
 
 /// Picks the model (by name, or the only one) and the direction (`x2y`, `y2x` or domain-named).
 pub fn resolve(
-    models: &[ModelInfo],
+    models: &[Arc<ModelVersion>],
     model: Option<&str>,
     direction: &str,
-) -> Result<(usize, Direction), EngineError> {
-    let names = || models.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
-    let index = match model {
-        Some(name) => models
+) -> Result<(Arc<ModelVersion>, Direction), EngineError> {
+    let names = || models.iter().map(|m| m.info.name.clone()).collect::<Vec<_>>();
+    let version = match (model, models) {
+        (Some(name), _) => models
             .iter()
-            .position(|m| m.name == name)
+            .find(|m| m.info.name == name)
             .ok_or_else(|| EngineError::UnknownModel { name: name.to_string(), available: names() })?,
-        None if models.len() == 1 => 0,
-        None => return Err(EngineError::ModelRequired { available: names() }),
+        (None, [only]) => only,
+        (None, []) => return Err(EngineError::NoModels),
+        (None, _) => return Err(EngineError::ModelRequired { available: names() }),
     };
-    let info = &models[index];
+    let info = &version.info;
     let direction = info.metadata.domains.parse_direction(direction).map_err(EngineError::BadDirection)?;
     if !info.directions.contains(&direction) {
         return Err(EngineError::BadDirection(format!(
@@ -93,5 +115,5 @@ pub fn resolve(
             info.metadata.domains.direction_name(direction)
         )));
     }
-    Ok((index, direction))
+    Ok((Arc::clone(version), direction))
 }

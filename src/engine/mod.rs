@@ -5,8 +5,9 @@
 //! ([`queue`]) → one worker thread per device ([`worker`]) → encode (blocking pool). The async
 //! runtime only awaits; decoding and encoding of some requests overlap with inference of others.
 //! Every stage's memory is reserved before it is spent and released when it is freed. Models
-//! are found and named by the [`catalog`]; images are decoded and encoded by the [`codec`]; what
-//! happens is reported through an [`observer`].
+//! are found and named by the [`catalog`], routed to by [`versions`] (one loaded version per
+//! name, swapped whole), and rescanned from their folder by [`reload`]; images are decoded and
+//! encoded by the [`codec`]; what happens is reported through an [`observer`].
 
 pub mod budget;
 pub mod catalog;
@@ -14,6 +15,8 @@ pub mod codec;
 pub mod footprint;
 pub mod observer;
 pub mod queue;
+pub mod reload;
+pub mod versions;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +34,10 @@ use codec::{DecodeOptions, ImageError, ImageHeader, OutputFormat};
 use footprint::{Footprint, MemoryModel};
 use observer::{Observer, Outcome};
 use queue::{BatchKey, Computed, Entry, Queue};
+pub use versions::ModelVersion;
+use versions::{LoadFailure, Retirement, Routing};
 pub use worker::run_batch;
-use worker::{BatchRunner, ModelRunner, RunnerFactory, WorkerContext};
+use worker::{BatchRunner, Command, Initial, ModelRunner, RunnerFactory, WorkerContext};
 
 /// What to do with an image that could never fit the memory budget, even alone.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -80,6 +85,8 @@ pub enum EngineError {
     UnknownModel { name: String, available: Vec<String> },
     #[error("several models are loaded; choose one with `model` ({})", available.join(", "))]
     ModelRequired { available: Vec<String> },
+    #[error("no model is loaded")]
+    NoModels,
     #[error("{0}")]
     BadDirection(String),
     #[error("the server is busy; retry shortly")]
@@ -114,9 +121,10 @@ impl EngineError {
             Self::Image(ImageError::TooMuchMemory(_)) => Outcome::TooLarge,
             Self::Image(ImageError::Encode(_)) | Self::Internal(_) => Outcome::Internal,
             Self::Image(_) => Outcome::BadImage,
-            Self::UnknownModel { .. } | Self::ModelRequired { .. } | Self::BadDirection(_) => {
-                Outcome::BadRequest
-            }
+            Self::UnknownModel { .. }
+            | Self::ModelRequired { .. }
+            | Self::NoModels
+            | Self::BadDirection(_) => Outcome::BadRequest,
         }
     }
 }
@@ -143,10 +151,11 @@ pub struct Translation {
     pub timings: Timings,
 }
 
-/// What a caller asks for; `model` is an index into [`Engine::models`].
-#[derive(Clone, Copy, Debug)]
+/// What a caller asks for: one version of a model (which answers the request, whatever reloads
+/// happen meanwhile) and a direction.
+#[derive(Clone, Debug)]
 pub struct Target {
-    pub model: usize,
+    pub model: Arc<ModelVersion>,
     pub direction: Direction,
 }
 
@@ -165,7 +174,10 @@ impl Ticket {
 }
 
 pub struct Engine {
-    models: Vec<ModelInfo>,
+    routing: Routing,
+    retirement: Arc<Retirement>,
+    /// Runs the networks; decides how their memory is costed.
+    executor: Executor,
     config: EngineConfig,
     context: Arc<WorkerContext>,
     workers: Mutex<Vec<std::thread::JoinHandle<Result<(), String>>>>,
@@ -176,7 +188,8 @@ pub struct Engine {
 
 impl Engine {
     /// Starts one worker per device, each loading every model; returns at once (see
-    /// [`Engine::is_ready`]).
+    /// [`Engine::is_ready`]). The models are routed to from the start: requests wait in the
+    /// queue until the workers have loaded them.
     pub fn new(
         models: Vec<(ModelInfo, ModelFile)>,
         devices: Vec<Device>,
@@ -184,45 +197,47 @@ impl Engine {
         observer: Arc<dyn Observer>,
     ) -> Self {
         let executor = devices.first().map_or(Executor::FastCpu, Executor::for_device);
-        let (infos, files): (Vec<_>, Vec<_>) = models.into_iter().unzip();
         let factories: Vec<RunnerFactory> = devices
             .into_iter()
             .map(|device| {
-                let files = files.clone();
-                Box::new(move || {
-                    ModelRunner::load(files, device).map(|r| Box::new(r) as Box<dyn BatchRunner>)
-                }) as RunnerFactory
+                Box::new(move || Ok(Box::new(ModelRunner::new(device)) as Box<dyn BatchRunner>))
+                    as RunnerFactory
             })
             .collect();
-        Self::with_runners(infos, executor, factories, config, observer)
+        Self::with_runners(models, executor, factories, config, observer)
     }
 
-    /// Starts one worker per runner factory; the runners stand for devices and run the models
-    /// with `executor` (which decides how their memory is costed).
+    /// Starts one worker per runner factory, each loading every model; the runners stand for
+    /// devices and run the models with `executor` (which decides how their memory is costed).
     pub fn with_runners(
-        models: Vec<ModelInfo>,
+        models: Vec<(ModelInfo, ModelFile)>,
         executor: Executor,
         factories: Vec<RunnerFactory>,
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Self {
         let capacity = config.queue_capacity.max(1);
-        let threads = rayon::current_num_threads();
-        let memory = models
-            .iter()
-            .map(|m| MemoryModel { architecture: m.metadata.architecture, executor, threads })
-            .collect();
         let reporter = Arc::clone(&observer);
         let budget =
             MemoryBudget::new(config.memory_budget, Box::new(move |bytes| reporter.memory_reserved(bytes)));
         observer.memory_budget(config.memory_budget);
+        let queue = Arc::new(Queue::new(factories.len()));
+        let retirement = Retirement::new(Arc::clone(&queue), Arc::clone(&observer));
+        let routing = Routing::default();
+        let mut initial: Vec<Vec<Initial>> = factories.iter().map(|_| Vec::new()).collect();
+        for (info, file) in models {
+            let version = retirement.version(info, memory_model(&file, executor));
+            for loads in &mut initial {
+                let name = version.info.name.clone();
+                loads.push(Initial { version: version.id, name, file: file.clone() });
+            }
+            routing.route(&version.info.name.clone(), Some(version));
+        }
         let context = Arc::new(WorkerContext {
-            queue: Arc::new(Queue::default()),
+            queue,
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             observer,
-            model_names: models.iter().map(|m| m.name.clone()).collect(),
-            memory,
             budget,
             max_batch_size: config.max_batch_size.max(1),
             max_batch_delay: config.max_batch_delay,
@@ -232,13 +247,14 @@ impl Engine {
         let worker_count = factories.len();
         let workers = factories
             .into_iter()
+            .zip(initial)
             .enumerate()
-            .map(|(i, factory)| {
+            .map(|(i, (factory, initial))| {
                 let context = Arc::clone(&context);
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
-                        let result = worker::work(Arc::clone(&context), factory);
+                        let result = worker::work(Arc::clone(&context), i, factory, initial);
                         if let Err(message) = &result {
                             tracing::error!(worker = i, %message, "worker could not start");
                             context.failures.lock().unwrap_or_else(|p| p.into_inner()).push(message.clone());
@@ -249,7 +265,9 @@ impl Engine {
             })
             .collect();
         Self {
-            models,
+            routing,
+            retirement,
+            executor,
             config,
             context,
             workers: Mutex::new(workers),
@@ -258,29 +276,101 @@ impl Engine {
         }
     }
 
-    pub fn models(&self) -> &[ModelInfo] {
-        &self.models
+    /// The models routed to now, sorted by name.
+    pub fn models(&self) -> Arc<[Arc<ModelVersion>]> {
+        self.routing.snapshot()
     }
 
-    /// How requests to model `index` are costed in memory.
-    pub fn memory_model(&self, index: usize) -> MemoryModel {
-        self.context.memory[index]
+    /// The routed version of the model called `name`.
+    pub fn model(&self, name: &str) -> Option<Arc<ModelVersion>> {
+        self.models().iter().find(|m| m.info.name == name).cloned()
+    }
+
+    /// Model files whose latest content failed to load (see [`reload`]).
+    pub fn load_failures(&self) -> Vec<LoadFailure> {
+        self.routing.failures()
+    }
+
+    pub fn load_failure(&self, model: &str) -> Option<LoadFailure> {
+        self.routing.failure(model)
+    }
+
+    /// Model versions in memory: routed to, loading, or finishing their requests after a reload.
+    pub fn versions_in_memory(&self) -> usize {
+        self.retirement.alive()
     }
 
     pub fn memory_budget(&self) -> u64 {
         self.config.memory_budget
     }
 
-    /// The largest square image model `index` accepts within the budget.
-    pub fn largest_square(&self, index: usize) -> u32 {
-        self.context.memory[index]
-            .largest_square(self.config.memory_budget, self.config.decode.max_bytes as u64)
+    /// The largest square image a model costed as `memory` accepts within the budget.
+    pub fn largest_square(&self, memory: &MemoryModel) -> u32 {
+        memory.largest_square(self.config.memory_budget, self.config.decode.max_bytes as u64)
     }
 
-    /// Every worker has loaded its models and run its warm-up inference, and shutdown has not
-    /// begun.
+    /// A model whose smallest image does not fit the budget could never serve a request: say
+    /// what it needs.
+    pub fn check_fits_budget(&self, info: &ModelInfo, memory: &MemoryModel) -> Result<(), String> {
+        if self.largest_square(memory) >= crate::model::pixels::MIN_NETWORK_SIDE {
+            return Ok(());
+        }
+        Err(format!(
+            "model `{}` ({}) needs {} MiB for even an 8×8 image, more than the memory budget of {} MiB",
+            info.name,
+            info.metadata.architecture,
+            memory.network_bytes(1, 8, 8) >> 20,
+            self.config.memory_budget >> 20
+        ))
+    }
+
+    /// Loads a new version of a model on every worker and warms it up there; it is not routed to
+    /// until [`Engine::route`] says so. Requests keep flowing meanwhile (each worker loads
+    /// between batches).
+    pub async fn prepare(&self, info: ModelInfo, file: ModelFile) -> Result<Arc<ModelVersion>, String> {
+        let memory = memory_model(&file, self.executor);
+        self.check_fits_budget(&info, &memory)?;
+        // Should a worker fail, dropping the version unloads it from the others.
+        let version = self.retirement.version(info, memory);
+        let replies: Vec<_> = (0..self.worker_count)
+            .map(|worker| {
+                let (done, reply) = oneshot::channel();
+                let load = Command::Load { version: version.id, file: file.clone(), done };
+                self.context.queue.send(worker, load);
+                reply
+            })
+            .collect();
+        drop(file);
+        for reply in replies {
+            reply.await.map_err(|_| "the inference worker stopped".to_string())??;
+        }
+        Ok(version)
+    }
+
+    /// From now on, requests naming `name` get `version` (or, with `None`, an unknown-model
+    /// error); requests already holding the previous version finish on it, and it is unloaded
+    /// once the last of them ends. Returns the previous version.
+    pub fn route(&self, name: &str, version: Option<Arc<ModelVersion>>) -> Option<Arc<ModelVersion>> {
+        self.routing.route(name, version)
+    }
+
+    /// Records, or clears with `None`, that `model`'s file failed to load.
+    pub fn set_load_failure(&self, model: &str, failure: Option<LoadFailure>) {
+        let failing = self.routing.set_failure(model, failure);
+        self.context.observer.model_files_failing(failing);
+    }
+
+    pub fn observer(&self) -> &Arc<dyn Observer> {
+        &self.context.observer
+    }
+
+    /// Every worker has loaded its first models and run its warm-up inference, some model is
+    /// routed to, and shutdown has not begun. Reloads leave it ready: versions are routed to
+    /// only once loaded.
     pub fn is_ready(&self) -> bool {
-        self.context.ready.load(Ordering::SeqCst) == self.worker_count && !self.is_shutting_down()
+        self.context.ready.load(Ordering::SeqCst) == self.worker_count
+            && !self.routing.snapshot().is_empty()
+            && !self.is_shutting_down()
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -304,7 +394,8 @@ impl Engine {
     }
 
     pub fn resolve(&self, model: Option<&str>, direction: &str) -> Result<Target, EngineError> {
-        catalog::resolve(&self.models, model, direction).map(|(model, direction)| Target { model, direction })
+        catalog::resolve(&self.routing.snapshot(), model, direction)
+            .map(|(model, direction)| Target { model, direction })
     }
 
     /// Takes a queue slot and reserves room for a body of up to `max_body` bytes, before any of
@@ -362,7 +453,7 @@ impl Engine {
         // free its slot and bytes while a probe or decode still uses them.
         let (header, bytes, ticket) =
             blocking(move || codec::probe(&bytes, &options).map(|h| (h, bytes, ticket))).await??;
-        let (fit_side, footprint) = self.plan(target, &header, bytes.len() as u64)?;
+        let (fit_side, footprint) = self.plan(&target, &header, bytes.len() as u64)?;
         // The body is already reserved by the ticket.
         let admission =
             self.context.budget.admit(footprint.decoding, footprint.waiting, footprint.network).await;
@@ -380,12 +471,13 @@ impl Engine {
         self.context.observer.decoded(decode);
 
         let (width, height) = image.padded_size();
-        let key = BatchKey { model: target.model, direction: target.direction, width, height };
+        let key = BatchKey { model: target.model.id, direction: target.direction, width, height };
         let (reply, receiver) = oneshot::channel();
         let downscaled_from = image.downscaled_from;
         let enqueued = Instant::now();
-        let entry =
-            Entry { key, image, enqueued, deadline: deadline.into_std(), reply, slot: Some(slot), admission };
+        let model = target.model;
+        let deadline = deadline.into_std();
+        let entry = Entry { key, model, image, enqueued, deadline, reply, slot: Some(slot), admission };
         self.context.queue.push(entry).map_err(|_| EngineError::ShuttingDown)?;
         let computed =
             receiver.await.map_err(|_| EngineError::Internal("the inference worker stopped".into()))??;
@@ -416,11 +508,11 @@ impl Engine {
     /// the budget beside its `body` (or, with [`Oversize::Downscale`], shrinks it until it does).
     fn plan(
         &self,
-        target: Target,
+        target: &Target,
         header: &ImageHeader,
         body: u64,
     ) -> Result<(Option<u32>, Footprint), EngineError> {
-        let memory = &self.context.memory[target.model];
+        let memory = &target.model.memory;
         let budget = self.config.memory_budget;
         let available = budget.saturating_sub(body);
         let max_side = self.config.decode.max_side;
@@ -438,10 +530,10 @@ impl Engine {
             None => Err(EngineError::TooLarge {
                 width: header.width,
                 height: header.height,
-                model: self.models[target.model].name.clone(),
+                model: target.model.info.name.clone(),
                 needed: body + footprint.alone(),
                 budget,
-                largest_side: self.largest_square(target.model),
+                largest_side: self.largest_square(memory),
             }),
         }
     }
@@ -462,6 +554,11 @@ impl Engine {
         })
         .await;
     }
+}
+
+/// How requests to a model are costed when `executor` runs it.
+fn memory_model(file: &ModelFile, executor: Executor) -> MemoryModel {
+    MemoryModel { architecture: file.metadata.architecture, executor, threads: rayon::current_num_threads() }
 }
 
 /// Runs `work` on the blocking pool; a panic there is an internal error.

@@ -42,6 +42,27 @@ impl Outcome {
     }
 }
 
+/// What a rescan of the models folder changed about one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ModelChange {
+    /// A new file, loaded and routed to.
+    Added,
+    /// A file with new content, whose new version now takes the model's requests.
+    Replaced,
+    /// A file gone: its model takes no new requests.
+    Removed,
+}
+
+impl ModelChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "added",
+            Self::Replaced => "replaced",
+            Self::Removed => "removed",
+        }
+    }
+}
+
 /// Receives engine events. Every method has a no-op default.
 pub trait Observer: Send + Sync + 'static {
     /// Requests admitted and not yet being computed (decoding or waiting for a batch).
@@ -58,6 +79,14 @@ pub trait Observer: Send + Sync + 'static {
     fn memory_budget(&self, _bytes: u64) {}
     /// Bytes reserved in the budget now.
     fn memory_reserved(&self, _bytes: u64) {}
+    /// A rescan of the models folder changed what `model` is routed to.
+    fn model_changed(&self, _model: &str, _change: ModelChange) {}
+    /// A file of the models folder could not be loaded; what it would replace keeps serving.
+    fn model_load_failed(&self, _model: &str) {}
+    /// Model files whose latest content failed to load, now.
+    fn model_files_failing(&self, _files: usize) {}
+    /// Model versions held in memory now (serving, loading, or finishing requests).
+    fn model_versions(&self, _versions: usize) {}
 }
 
 /// An observer that ignores everything.

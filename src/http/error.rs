@@ -56,6 +56,7 @@ impl From<EngineError> for ApiError {
         let (status, code) = match &err {
             EngineError::UnknownModel { .. } => (StatusCode::NOT_FOUND, "unknown_model"),
             EngineError::ModelRequired { .. } => (StatusCode::BAD_REQUEST, "model_required"),
+            EngineError::NoModels => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             EngineError::BadDirection(_) => (StatusCode::BAD_REQUEST, "bad_direction"),
             EngineError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             EngineError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_much_memory"),

@@ -38,12 +38,9 @@ pub async fn translate(
         )
     })?;
     let target = state.engine.resolve(query.model.as_deref(), &direction)?;
-    let labels = TranslateLabels {
-        model: state.engine.models()[target.model].name.clone(),
-        direction: target.direction,
-    };
-    let mut response = match run_translation(&state, target, format, request).await {
-        Ok(translation) => translation_response(&state, target, translation),
+    let labels = TranslateLabels { model: target.model.info.name.clone(), direction: target.direction };
+    let mut response = match run_translation(&state, target.clone(), format, request).await {
+        Ok(translation) => translation_response(&target, translation),
         Err(err) => err.into_response(),
     };
     response.extensions_mut().insert(labels);
@@ -60,8 +57,9 @@ async fn run_translation(
     Ok(state.engine.translate(ticket, target, bytes, format).await?)
 }
 
-fn translation_response(state: &AppState, target: Target, t: Translation) -> Response {
-    let info = &state.engine.models()[target.model];
+/// The image and what made it: the headers name the model version that computed it.
+fn translation_response(target: &Target, t: Translation) -> Response {
+    let info = &target.model.info;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     let timing = format!(
         "decode;dur={:.2}, queue;dur={:.2}, inference;dur={:.2}, encode;dur={:.2}",
@@ -79,6 +77,7 @@ fn translation_response(state: &AppState, target: Target, t: Translation) -> Res
     set("content-type", t.format.mime_type().to_string());
     set("server-timing", timing);
     set("x-model", info.name.clone());
+    set("x-model-sha256", info.sha256.clone());
     set("x-direction", info.metadata.domains.direction_name(target.direction));
     set("x-batch-size", t.batch_size.to_string());
     if let Some((w, h)) = t.downscaled_from {
@@ -100,16 +99,21 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
         return Err(unavailable(failure));
     }
     if !state.engine.is_ready() {
-        return Err(unavailable("models are loading and warming up".into()));
+        let why = if state.engine.models().is_empty() {
+            "no model is loaded"
+        } else {
+            "models are loading and warming up"
+        };
+        return Err(unavailable(why.into()));
     }
-    let models: Vec<&str> = state.engine.models().iter().map(|m| m.name.as_str()).collect();
+    let models: Vec<String> = state.engine.models().iter().map(|m| m.info.name.clone()).collect();
     Ok(Json(serde_json::json!({ "status": "ready", "models": models })))
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     let models: Vec<ModelView> =
-        (0..state.engine.models().len()).map(|i| ModelView::new(&state.engine, i, &state.device)).collect();
-    Json(serde_json::json!({ "models": models }))
+        state.engine.models().iter().map(|m| ModelView::new(&state.engine, m, &state.device)).collect();
+    Json(serde_json::json!({ "models": models, "failed": state.engine.load_failures() }))
 }
 
 pub async fn model(
@@ -119,10 +123,10 @@ pub async fn model(
     let models = state.engine.models();
     models
         .iter()
-        .position(|m| m.name == name)
-        .map(|i| Json(ModelView::new(&state.engine, i, &state.device)))
+        .find(|m| m.info.name == name)
+        .map(|m| Json(ModelView::new(&state.engine, m, &state.device)))
         .ok_or_else(|| {
-            let available: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            let available: Vec<&str> = models.iter().map(|m| m.info.name.as_str()).collect();
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_model",

@@ -9,7 +9,7 @@ use axum::response::Response;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::engine::observer::{Observer, Outcome};
+use crate::engine::observer::{ModelChange, Observer, Outcome};
 use crate::model::Direction;
 
 const LATENCY_BUCKETS: [f64; 16] =
@@ -51,8 +51,22 @@ pub fn install(version: &str, device: &str) -> anyhow::Result<PrometheusHandle> 
         Unit::Bytes,
         "Memory reserved now by requests (bodies, images, network passes)"
     );
+    describe_counter!(
+        "cycleserve_model_reloads_total",
+        "Models added, replaced or removed by rescans of the models folder, by model and change"
+    );
+    describe_counter!(
+        "cycleserve_model_reload_failures_total",
+        "Model files that failed to load in a rescan (what served before still serves), by model"
+    );
+    describe_gauge!("cycleserve_model_files_failing", "Model files whose latest content failed to load");
+    describe_gauge!(
+        "cycleserve_model_versions",
+        "Model versions in memory: serving, loading, or finishing their requests after a reload"
+    );
     gauge!("cycleserve_build_info", "version" => version.to_string(), "device" => device.to_string())
         .set(1.0);
+    gauge!("cycleserve_model_files_failing").set(0.0);
     gauge!("cycleserve_queue_depth").set(0.0);
     gauge!("cycleserve_memory_reserved_bytes").set(0.0);
     Ok(handle)
@@ -134,5 +148,22 @@ impl Observer for PrometheusObserver {
 
     fn memory_reserved(&self, bytes: u64) {
         gauge!("cycleserve_memory_reserved_bytes").set(bytes as f64);
+    }
+
+    fn model_changed(&self, model: &str, change: ModelChange) {
+        counter!("cycleserve_model_reloads_total", "model" => model.to_string(), "change" => change.as_str())
+            .increment(1);
+    }
+
+    fn model_load_failed(&self, model: &str) {
+        counter!("cycleserve_model_reload_failures_total", "model" => model.to_string()).increment(1);
+    }
+
+    fn model_files_failing(&self, files: usize) {
+        gauge!("cycleserve_model_files_failing").set(files as f64);
+    }
+
+    fn model_versions(&self, versions: usize) {
+        gauge!("cycleserve_model_versions").set(versions as f64);
     }
 }

@@ -95,7 +95,7 @@ fn cors(origins: &[String]) -> CorsLayer {
     if origins.is_empty() {
         return CorsLayer::new();
     }
-    let expose = [HeaderName::from_static("x-request-id"), HeaderName::from_static("server-timing")];
+    let expose = ["x-request-id", "server-timing", "x-model-sha256"].map(HeaderName::from_static);
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST])
         .allow_headers([header::CONTENT_TYPE, header::ACCEPT, header::AUTHORIZATION])

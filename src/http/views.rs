@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-use crate::engine::{Engine, ModelInfo};
+use crate::engine::versions::LoadFailure;
+use crate::engine::{Engine, ModelVersion};
 use crate::model::{Direction, GeneratorConfig};
 
 /// A model as `/v1/models` shows it.
@@ -18,6 +19,10 @@ pub struct ModelView {
     size_bytes: u64,
     provenance: std::collections::BTreeMap<String, String>,
     memory: MemoryView,
+    /// Set when the model's file has newer content that failed to load: this version, the one
+    /// described here, still serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_error: Option<LoadFailure>,
 }
 
 #[derive(Serialize)]
@@ -38,8 +43,8 @@ struct MemoryView {
 }
 
 impl ModelView {
-    pub fn new(engine: &Engine, index: usize, device: &str) -> Self {
-        let info: &ModelInfo = &engine.models()[index];
+    pub fn new(engine: &Engine, version: &ModelVersion, device: &str) -> Self {
+        let info = &version.info;
         Self {
             name: info.name.clone(),
             domains: serde_json::json!({ "x": info.metadata.domains.x, "y": info.metadata.domains.y }),
@@ -55,10 +60,11 @@ impl ModelView {
             size_bytes: info.size_bytes,
             provenance: info.metadata.provenance.clone(),
             memory: MemoryView {
-                bytes_per_megapixel: engine.memory_model(index).bytes_per_megapixel(),
-                largest_square_side: engine.largest_square(index),
+                bytes_per_megapixel: version.memory.bytes_per_megapixel(),
+                largest_square_side: engine.largest_square(&version.memory),
                 budget_bytes: engine.memory_budget(),
             },
+            load_error: engine.load_failure(&info.name),
         }
     }
 }

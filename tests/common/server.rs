@@ -4,12 +4,14 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every JSON log line the server has written so far.
+    pub logs: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Server {
@@ -25,6 +27,8 @@ impl Server {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&logs);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
@@ -32,10 +36,11 @@ impl Server {
                     let addr: SocketAddr = parsed["fields"]["address"].as_str().unwrap().parse().unwrap();
                     let _ = tx.send(addr);
                 }
+                kept.lock().unwrap().push(parsed);
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start listening");
-        Self { child, addr }
+        Self { child, addr, logs }
     }
 
     pub fn url(&self, path: &str) -> String {
