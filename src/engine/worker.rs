@@ -17,6 +17,7 @@ use super::codec::{self, DecodedImage};
 use super::footprint::MemoryModel;
 use super::observer::{Observer, Outcome};
 use super::queue::{Computed, Queue};
+use super::spans::BatchSpans;
 use super::EngineError;
 use crate::model::{Direction, Model, ModelError, ModelFile};
 
@@ -153,11 +154,13 @@ pub fn work(context: Arc<WorkerContext>, factory: RunnerFactory) -> Result<(), S
         // Held until the network's buffers are freed: the outputs then live in the replies.
         let pass = taken.reservation;
         context.report_queue_depth();
+        let mut spans = BatchSpans::start(&mut batch, &context.model_names[key.model]);
         let started = Instant::now();
         let images: Vec<&DecodedImage> = batch.iter().map(|e| &e.image).collect();
         let result = catch_unwind(AssertUnwindSafe(|| runner.run(key.model, key.direction, &images)))
             .unwrap_or_else(|panic| Err(format!("inference panicked: {}", panic_message(&panic))));
         let inference = started.elapsed();
+        spans.inference_done();
         drop(pass);
         context.observer.batch(&context.model_names[key.model], key.direction, batch.len(), inference);
         let size = batch.len();

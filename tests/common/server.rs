@@ -4,27 +4,36 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Server {
     /// Starts `cycleserve` on port 0 with `models_dir` and `extra` flags; returns once it listens.
     pub fn start(models_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(models_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the server.
+    pub fn start_with_env(models_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cycleserve"))
             .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json", "--device", "cpu"])
             .arg("--models-dir")
             .arg(models_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&logs);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
@@ -32,10 +41,16 @@ impl Server {
                     let addr: SocketAddr = parsed["fields"]["address"].as_str().unwrap().parse().unwrap();
                     let _ = tx.send(addr);
                 }
+                kept.lock().unwrap().push(parsed);
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start listening");
-        Self { child, addr }
+        Self { child, addr, logs }
+    }
+
+    /// The server's log lines so far (JSON objects; `fields.message` is the message).
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {
