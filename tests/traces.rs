@@ -245,6 +245,9 @@ async fn traced_requests_continue_the_callers_trace_with_a_span_for_every_stage(
     assert_eq!(request.parent, caller.span_id);
     assert_eq!(int(request, "http.response.status_code"), 400);
     assert_eq!(request.status, StatusCode::Unset as i32);
+    // The readiness polls of `ready()` came first; had they been traced, they would be here.
+    let all = collector.spans.borrow();
+    assert!(all.iter().all(|s| !s.name.contains("/readyz")), "readiness probes are not traced");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,23 +286,17 @@ async fn with_the_collector_down_requests_succeed_and_dropped_spans_are_counted(
     // A port nobody listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let models = tiny_models_dir();
-    // `/metrics` on its own port, which has no request spans: the only spans are the ones this
-    // test sends. No readiness polls either, for the same reason: a request sent while the
-    // models load waits in the queue.
+    // Readiness polls and scrapes are not traced: the only spans are the ones this test sends.
     let server = Server::start_with_env(
         models.path(),
-        &["--otlp-endpoint", &format!("http://{closed}"), "--metrics-port", "0"],
+        &["--otlp-endpoint", &format!("http://{closed}")],
         &[("OTEL_BSP_SCHEDULE_DELAY", "50"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "500")],
-    );
-    let metrics_addr = until(|| {
-        let logs = server.logs();
-        let line = logs.iter().find(|l| l["fields"]["message"] == "metrics listening")?;
-        Some(line["fields"]["address"].as_str()?.to_string())
-    })
+    )
+    .ready()
     .await;
     let client = Client::new();
     let dropped = || async {
-        let scrape = client.get(format!("http://{metrics_addr}/metrics")).send().await.unwrap();
+        let scrape = client.get(server.url("/metrics")).send().await.unwrap();
         let text = scrape.text().await.unwrap();
         assert_eq!(sample(&text, "cycleserve_otlp_spans_dropped_total{reason=\"queue_full\"}"), 0.0);
         assert_eq!(sample(&text, "cycleserve_otlp_spans_exported_total"), 0.0);

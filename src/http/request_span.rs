@@ -9,6 +9,11 @@ use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::telemetry::context::continue_trace;
+use crate::telemetry::UNTRACED_TARGET;
+
+/// Routes never traced: health probes and metric scrapes come every few seconds, from machines,
+/// and would drown the traces of real requests.
+const UNTRACED_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// The span of `request`. `traced` names it and gives it its kind the OpenTelemetry way
 /// (`POST /translate`, server), adds the HTTP attributes of the conventions, and continues the
@@ -17,8 +22,8 @@ pub fn make(request: &Request, traced: bool) -> Span {
     let method = request.method();
     let route = request.extensions().get::<MatchedPath>().map_or(request.uri().path(), |p| p.as_str());
     let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if !traced {
-        return tracing::info_span!("request", %method, route, request_id = id);
+    if !traced || UNTRACED_ROUTES.contains(&route) {
+        return tracing::info_span!(target: UNTRACED_TARGET, "request", %method, route, request_id = id);
     }
     let span = tracing::info_span!(
         "request",

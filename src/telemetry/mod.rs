@@ -36,6 +36,9 @@ pub struct OtlpArgs {
     pub otlp_service_name: String,
 }
 
+/// The target of spans never exported: requests that are not traced, such as health probes.
+pub const UNTRACED_TARGET: &str = "cycleserve::untraced";
+
 /// How long shutdown waits for the last spans to reach the collector.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -108,7 +111,7 @@ fn exported(metadata: &Metadata<'_>) -> bool {
 /// Spans of this crate down to debug (the engine's stage spans), and its warnings and errors,
 /// which become events of the span they happen in.
 fn exports(target: &str, level: Level, span: bool) -> bool {
-    let ours = target == "cycleserve" || target.starts_with("cycleserve::");
+    let ours = (target == "cycleserve" || target.starts_with("cycleserve::")) && target != UNTRACED_TARGET;
     ours && if span { level <= Level::DEBUG } else { level <= Level::WARN }
 }
 
@@ -149,6 +152,7 @@ mod tests {
         assert!(exports("cycleserve::engine::worker", Level::DEBUG, true));
         assert!(exports("cycleserve", Level::INFO, true));
         assert!(!exports("cycleserve::engine", Level::TRACE, true));
+        assert!(!exports(UNTRACED_TARGET, Level::INFO, true));
         assert!(!exports("cycleserve::engine", Level::INFO, false));
         assert!(exports("cycleserve::engine", Level::WARN, false));
         assert!(exports("cycleserve::engine", Level::ERROR, false));
