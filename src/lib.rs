@@ -7,7 +7,8 @@
 //! - [`device`]: choosing the CPU or a CUDA device;
 //! - [`train`]: CycleGAN training (`cycletrain`);
 //! - [`cli`]: the `cycleserve` command line;
-//! - [`logging`]: log lines (and the trainer's progress bars) for both binaries.
+//! - [`logging`]: log lines (and the trainer's progress bars) for both binaries;
+//! - [`telemetry`]: traces exported to an OpenTelemetry collector (`--otlp-endpoint`).
 
 pub mod cli;
 pub mod device;
@@ -16,4 +17,5 @@ pub mod http;
 pub mod logging;
 pub mod memory;
 pub mod model;
+pub mod telemetry;
 pub mod train;

@@ -1,6 +1,7 @@
 //! Logging for both binaries: text or JSON lines on stderr, filtered by level or tracing
 //! directives. `cycletrain` also draws progress bars (`tracing-indicatif`) on a terminal; log
-//! lines then go through the bars' writer, which clears and redraws them around each line.
+//! lines then go through the bars' writer, which clears and redraws them around each line. The
+//! server may add the layer that exports traces (see [`crate::telemetry`]).
 
 use std::io::IsTerminal;
 
@@ -42,14 +43,20 @@ pub enum ProgressOutput {
     LogLines,
 }
 
-/// Logging without progress bars (the server).
+/// Logging without progress bars (the commands other than the trainer).
 pub fn init_logging(args: &LogArgs) {
-    install(args, false);
+    install(args, false, None);
+}
+
+/// Logging for the server, with the trace exporter's layer when traces are exported. That layer
+/// has its own filter: `--log-level` does not decide which spans are exported.
+pub fn init_server_logging(args: &LogArgs, traces: Option<Box<dyn Layer<Registry> + Send + Sync>>) {
+    install(args, false, traces);
 }
 
 /// Logging with progress bars when stderr is a terminal (the trainer).
 pub fn init_logging_with_progress(args: &LogArgs) -> ProgressOutput {
-    if install(args, std::io::stderr().is_terminal()) {
+    if install(args, std::io::stderr().is_terminal(), None) {
         ProgressOutput::Bars
     } else {
         ProgressOutput::LogLines
@@ -57,7 +64,7 @@ pub fn init_logging_with_progress(args: &LogArgs) -> ProgressOutput {
 }
 
 /// Sets the global subscriber; returns whether it draws progress bars.
-fn install(args: &LogArgs, bars: bool) -> bool {
+fn install(args: &LogArgs, bars: bool, traces: Option<Box<dyn Layer<Registry> + Send + Sync>>) -> bool {
     let indicatif = bars.then(|| {
         IndicatifLayer::new().with_span_field_formatter(hide_indicatif_span_fields(DefaultFields::new()))
     });
@@ -73,8 +80,9 @@ fn install(args: &LogArgs, bars: bool) -> bool {
     };
     // Checked by `parse_filter`. It filters log lines only, so that `--log-level warn` keeps the bar.
     let filter = EnvFilter::new(&args.log_level);
+    let layers: Vec<_> = std::iter::once(fmt.with_filter(filter).boxed()).chain(traces).collect();
     let installed = tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        .with(layers)
         .with(indicatif.map(|layer| layer.with_filter(IndicatifFilter::new(false))))
         .try_init()
         .is_ok();

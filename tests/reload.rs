@@ -634,7 +634,7 @@ async fn a_corrupt_file_leaves_the_old_version_serving_and_is_reported() {
     let failures = "cycleserve_model_reload_failures_total{model=\"swap\"}";
     assert_eq!(metric(client, server, failures).await, Some(1.0));
     assert_eq!(metric(client, server, "cycleserve_model_files_failing").await, Some(1.0));
-    let logged = server.logs.lock().unwrap().iter().any(|l| {
+    let logged = server.logs().iter().any(|l| {
         l["level"] == "ERROR"
             && l["fields"]["model"] == "swap"
             && l["fields"]["message"].as_str().is_some_and(|m| m.contains("failed to load"))

@@ -49,14 +49,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::memory::return_large_buffers_to_the_os();
     let result = match cli.command {
-        None => {
-            init_logging(&cli.logging);
-            serve::run(cli.serve)
-        }
-        Some(Command::Serve { args, logging }) => {
-            init_logging(&logging);
-            serve::run(args)
-        }
+        None => serve::run(cli.serve, &cli.logging),
+        Some(Command::Serve { args, logging }) => serve::run(args, &logging),
         Some(Command::Translate(args)) => {
             let progress = init_logging_with_progress(&cli.logging);
             translate::run(args, progress)

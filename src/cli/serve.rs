@@ -14,7 +14,9 @@ use crate::engine::{Engine, EngineConfig, Oversize};
 use crate::http::auth::ApiKeys;
 use crate::http::connections::ConnectionLimits;
 use crate::http::{self, metrics, server, AppState, ServerConfig};
+use crate::logging::{init_server_logging, LogArgs};
 use crate::memory::{self, parse_bytes};
+use crate::telemetry::{OtlpArgs, Traces, FLUSH_TIMEOUT};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -100,17 +102,28 @@ pub struct ServeArgs {
     /// Serve the try-it web page at `/` (`--ui false` leaves `/` a 404).
     #[arg(long, env = "CYCLESERVE_UI", default_value_t = true, action = clap::ArgAction::Set)]
     ui: bool,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Sets up logging (and the trace exporter, when asked for) and serves until shut down.
+pub fn run(args: ServeArgs, logging: &LogArgs) -> anyhow::Result<()> {
+    let traces = Traces::start(&args.otlp, Arc::new(metrics::OtlpMetrics))?;
+    init_server_logging(logging, traces.as_ref().map(Traces::layer));
+    if let Some(traces) = &traces {
+        tracing::info!(endpoint = traces.endpoint(), service = %args.otlp.otlp_service_name, "exporting traces");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let result = runtime.block_on(serve(args));
+    let result = runtime.block_on(serve(args, traces.is_some()));
     // Past the grace period, blocking tasks may still be running: do not wait for them.
     runtime.shutdown_background();
+    if let Some(traces) = traces {
+        traces.shutdown(FLUSH_TIMEOUT);
+    }
     result
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, traced: bool) -> anyhow::Result<()> {
     let device = args.device.open()?;
     let device_label = device_name(&device);
     let models = load_models_dir(&args.models_dir)?;
@@ -144,6 +157,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let metrics_handle = metrics::install(env!("CARGO_PKG_VERSION"), &device_label)?;
     metrics::spawn_upkeep(metrics_handle.clone());
+    if traced {
+        metrics::describe_otlp();
+    }
     let engine = Engine::new(models, vec![device], config, Arc::new(metrics::PrometheusObserver));
     let engine = Arc::new(engine);
     refuse_models_beyond_the_budget(&engine)?;
@@ -190,6 +206,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         api_keys,
         metrics_addr: args.metrics_port.map(|port| server::address(&args.host, port)).transpose()?,
+        traces: traced,
     };
     http::server::serve(state, server_config).await
 }

@@ -16,6 +16,7 @@ pub mod footprint;
 pub mod observer;
 pub mod queue;
 pub mod reload;
+pub mod spans;
 pub mod versions;
 pub mod worker;
 
@@ -26,6 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use candle_core::Device;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::model::{Direction, Executor, ModelFile};
 use budget::{Admission, MemoryBudget};
@@ -34,6 +37,7 @@ use codec::{DecodeOptions, ImageError, ImageHeader, OutputFormat};
 use footprint::{Footprint, MemoryModel};
 use observer::{Observer, Outcome};
 use queue::{BatchKey, Computed, Entry, Queue};
+use spans::QueuedSpans;
 pub use versions::ModelVersion;
 use versions::{LoadFailure, Retirement, Routing};
 pub use worker::run_batch;
@@ -448,15 +452,21 @@ impl Engine {
         deadline: tokio::time::Instant,
     ) -> Result<Translation, EngineError> {
         let started = Instant::now();
+        let decode_span = tracing::debug_span!("decode", width = Empty, height = Empty);
         let options = self.config.decode;
         // The ticket travels with the blocking work: a deadline or a departed caller cannot
         // free its slot and bytes while a probe or decode still uses them.
         let (header, bytes, ticket) =
             blocking(move || codec::probe(&bytes, &options).map(|h| (h, bytes, ticket))).await??;
+        decode_span.record("width", i64::from(header.width)).record("height", i64::from(header.height));
         let (fit_side, footprint) = self.plan(&target, &header, bytes.len() as u64)?;
         // The body is already reserved by the ticket.
-        let admission =
-            self.context.budget.admit(footprint.decoding, footprint.waiting, footprint.network).await;
+        let admission = self
+            .context
+            .budget
+            .admit(footprint.decoding, footprint.waiting, footprint.network)
+            .instrument(tracing::debug_span!(parent: &decode_span, "memory_wait"))
+            .await;
         let waiting = footprint.waiting;
         let (image, slot, admission) = blocking(move || {
             let Ticket { slot, body } = ticket;
@@ -468,6 +478,7 @@ impl Engine {
         })
         .await??;
         let decode = started.elapsed();
+        drop(decode_span);
         self.context.observer.decoded(decode);
 
         let (width, height) = image.padded_size();
@@ -477,7 +488,9 @@ impl Engine {
         let enqueued = Instant::now();
         let model = target.model;
         let deadline = deadline.into_std();
-        let entry = Entry { key, model, image, enqueued, deadline, reply, slot: Some(slot), admission };
+        let spans = QueuedSpans::enqueued();
+        let entry =
+            Entry { key, model, image, enqueued, deadline, reply, slot: Some(slot), admission, spans };
         self.context.queue.push(entry).map_err(|_| EngineError::ShuttingDown)?;
         let computed =
             receiver.await.map_err(|_| EngineError::Internal("the inference worker stopped".into()))??;
@@ -490,6 +503,7 @@ impl Engine {
             drop((image, admission));
             encoded
         })
+        .instrument(tracing::debug_span!("encode", format = format.mime_type()))
         .await??;
         let encode = encode_started.elapsed();
         self.context.observer.encoded(encode);

@@ -19,6 +19,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::budget::{Admission, Reservation};
 use super::codec::DecodedImage;
+use super::spans::QueuedSpans;
 use super::versions::{ModelVersion, VersionId};
 use super::worker::Command;
 use super::EngineError;
@@ -58,6 +59,8 @@ pub struct Entry {
     pub slot: Option<OwnedSemaphorePermit>,
     /// The request's memory: its decoded image, room for its result, and a claim on its pass.
     pub admission: Admission,
+    /// Its request's span and the span of its wait here (see [`super::spans`]).
+    pub spans: QueuedSpans,
 }
 
 /// What the batcher takes out of the queue.
@@ -278,7 +281,8 @@ mod tests {
         let now = Instant::now();
         let admission = unlimited().try_admit(0, 0, 0).unwrap();
         let deadline = now + Duration::from_secs(60);
-        let entry = Entry { key, model, image, enqueued: now, deadline, reply, slot: None, admission };
+        let spans = QueuedSpans::default();
+        let entry = Entry { key, model, image, enqueued: now, deadline, reply, slot: None, admission, spans };
         (entry, rx)
     }
 

@@ -18,6 +18,7 @@ use super::budget::MemoryBudget;
 use super::codec::{self, DecodedImage};
 use super::observer::{Observer, Outcome};
 use super::queue::{Computed, Entry, Queue, Taken, Work};
+use super::spans::BatchSpans;
 use super::versions::VersionId;
 use super::EngineError;
 use crate::model::{Direction, Model, ModelError, ModelFile};
@@ -221,11 +222,13 @@ fn run_taken(context: &WorkerContext, runner: &mut dyn BatchRunner, taken: Taken
     // Held until the network's buffers are freed: the outputs then live in the replies.
     let pass = taken.reservation;
     context.report_queue_depth();
+    let mut spans = BatchSpans::start(&mut batch, &model.info.name);
     let started = Instant::now();
     let images: Vec<&DecodedImage> = batch.iter().map(|e| &e.image).collect();
     let result = catch_unwind(AssertUnwindSafe(|| runner.run(key.model, key.direction, &images)))
         .unwrap_or_else(|panic| Err(format!("inference panicked: {}", panic_message(&panic))));
     let inference = started.elapsed();
+    spans.inference_done();
     drop(pass);
     context.observer.batch(&model.info.name, key.direction, batch.len(), inference);
     let size = batch.len();

@@ -7,6 +7,8 @@ use axum::extract::{FromRequest, FromRequestParts, Multipart, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use bytes::Bytes;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::error::ApiError;
 use crate::engine::codec::OutputFormat;
@@ -92,7 +94,9 @@ impl ImageBody {
             return Err(too_large(max_bytes));
         }
         let mut ticket = engine.admit(declared.unwrap_or(limit) as u64)?;
-        let body = read_body(request.into_body(), limit, max_bytes).await?;
+        let span = tracing::debug_span!("read_body", bytes = Empty);
+        let body = read_body(request.into_body(), limit, max_bytes).instrument(span.clone()).await?;
+        span.record("bytes", body.len() as i64);
         ticket.body_read(body.len());
         let bytes = if multipart {
             let request =

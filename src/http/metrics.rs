@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::observer::{ModelChange, Observer, Outcome};
 use crate::model::Direction;
+use crate::telemetry::export::{DropReason, ExportReport};
 
 const LATENCY_BUCKETS: [f64; 16] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
@@ -70,6 +71,19 @@ pub fn install(version: &str, device: &str) -> anyhow::Result<PrometheusHandle> 
     gauge!("cycleserve_queue_depth").set(0.0);
     gauge!("cycleserve_memory_reserved_bytes").set(0.0);
     Ok(handle)
+}
+
+/// Describes the trace export's counters and shows them at zero (called when traces are exported).
+pub fn describe_otlp() {
+    describe_counter!("cycleserve_otlp_spans_exported_total", "Spans the OpenTelemetry collector took");
+    describe_counter!(
+        "cycleserve_otlp_spans_dropped_total",
+        "Spans not exported, by reason (queue_full, export_failed)"
+    );
+    counter!("cycleserve_otlp_spans_exported_total").absolute(0);
+    for reason in [DropReason::QueueFull, DropReason::ExportFailed] {
+        counter!("cycleserve_otlp_spans_dropped_total", "reason" => reason.as_str()).absolute(0);
+    }
 }
 
 /// Keeps histogram buckets rolled over; the exporter expects its owner to call this.
@@ -165,5 +179,18 @@ impl Observer for PrometheusObserver {
 
     fn model_versions(&self, versions: usize) {
         gauge!("cycleserve_model_versions").set(versions as f64);
+    }
+}
+
+/// Counts the spans the trace exporter sent and dropped.
+pub struct OtlpMetrics;
+
+impl ExportReport for OtlpMetrics {
+    fn exported(&self, spans: u64) {
+        counter!("cycleserve_otlp_spans_exported_total").increment(spans);
+    }
+
+    fn dropped(&self, reason: DropReason, spans: u64) {
+        counter!("cycleserve_otlp_spans_dropped_total", "reason" => reason.as_str()).increment(spans);
     }
 }

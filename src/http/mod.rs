@@ -1,7 +1,8 @@
 //! The HTTP service over the [`crate::engine`], one concern per file: the router, middleware and
 //! serve loop ([`server`]); what `/translate` takes from a request ([`extract`]); the route
 //! [`handlers`] and the JSON bodies they answer with ([`views`], [`error`]); Prometheus
-//! [`metrics`]; the try-it page ([`ui`]); and the signals that start a graceful [`shutdown`].
+//! [`metrics`]; the span each request runs in ([`request_span`]); the try-it page ([`ui`]); and
+//! the signals that start a graceful [`shutdown`].
 
 pub mod auth;
 pub mod body;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod metrics;
+pub mod request_span;
 pub mod server;
 pub mod shutdown;
 pub mod ui;
@@ -51,4 +53,7 @@ pub struct ServerConfig {
     pub api_keys: auth::ApiKeys,
     /// Where `/metrics` is served instead of on `addr`, when set.
     pub metrics_addr: Option<SocketAddr>,
+    /// Traces are exported: request spans continue the caller's trace and carry OpenTelemetry
+    /// fields.
+    pub traces: bool,
 }

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,14 +14,14 @@ use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnResponse, OnResponse, TraceLayer};
 use tracing::Level;
 
 use super::body::{self, DrainLimits, DRAIN_ALLOWANCE};
 use super::error::ApiError;
 use super::extract::MULTIPART_OVERHEAD;
 use super::handlers;
-use super::{auth, connections, metrics, shutdown, ui, AppState, ServerConfig};
+use super::{auth, connections, metrics, request_span, shutdown, ui, AppState, ServerConfig};
 
 /// All routes with their middleware.
 pub fn router(state: AppState, config: &ServerConfig) -> Router {
@@ -53,20 +53,17 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state);
+    let traced = config.traces;
+    let log_response =
+        DefaultOnResponse::new().level(Level::INFO).latency_unit(tower_http::LatencyUnit::Millis);
     let trace = TraceLayer::new_for_http()
-        .make_span_with(|request: &Request| {
-            let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
-            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-            tracing::info_span!(
-                "request",
-                method = %request.method(),
-                route = route.as_deref().unwrap_or(request.uri().path()),
-                request_id = id,
-            )
-        })
-        .on_response(
-            DefaultOnResponse::new().level(Level::INFO).latency_unit(tower_http::LatencyUnit::Millis),
-        );
+        .make_span_with(move |request: &Request| request_span::make(request, traced))
+        .on_response(move |response: &Response, latency: Duration, span: &tracing::Span| {
+            if traced {
+                request_span::record_status(span, response.status());
+            }
+            log_response.on_response(response, latency, span);
+        });
     let drain = DrainLimits {
         bytes: (config.max_body_bytes + MULTIPART_OVERHEAD) as u64 + DRAIN_ALLOWANCE,
         time: config.body_timeout,

@@ -11,17 +11,23 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     /// Every JSON log line the server has written so far.
-    pub logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Server {
     /// Starts `cycleserve` on port 0 with `models_dir` and `extra` flags; returns once it listens.
     pub fn start(models_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(models_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the server.
+    pub fn start_with_env(models_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cycleserve"))
             .args(["--host", "127.0.0.1", "--port", "0", "--log-format", "json", "--device", "cpu"])
             .arg("--models-dir")
             .arg(models_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -41,6 +47,11 @@ impl Server {
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start listening");
         Self { child, addr, logs }
+    }
+
+    /// The server's log lines so far (JSON objects; `fields.message` is the message).
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {
