@@ -31,8 +31,9 @@ struct Cli {
 enum Command {
     /// Serve the models over HTTP (the default).
     Serve {
+        // Boxed: the server's flags outweigh every other subcommand's.
         #[command(flatten)]
-        args: serve::ServeArgs,
+        args: Box<serve::ServeArgs>,
         #[command(flatten)]
         logging: LogArgs,
     },
@@ -50,7 +51,7 @@ pub fn main() -> ExitCode {
     crate::memory::return_large_buffers_to_the_os();
     let result = match cli.command {
         None => serve::run(cli.serve, &cli.logging),
-        Some(Command::Serve { args, logging }) => serve::run(args, &logging),
+        Some(Command::Serve { args, logging }) => serve::run(*args, &logging),
         Some(Command::Translate(args)) => {
             let progress = init_logging_with_progress(&cli.logging);
             translate::run(args, progress)
