@@ -188,31 +188,32 @@ mod tests {
     use candle_core::{DType, Device, Module};
     use candle_nn::{VarBuilder, VarMap};
 
+    /// The candle generator's random initial weights for `config`; with `perturbed_norms`, affine
+    /// norms move off their initial 1 and 0 so that they are really exercised.
+    fn random_weights(config: GeneratorConfig, perturbed_norms: bool) -> HashMap<String, Tensor> {
+        let varmap = VarMap::new();
+        Generator::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        let weights: Vec<(String, Tensor)> =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        weights
+            .into_iter()
+            .map(|(k, t)| {
+                let t = if perturbed_norms && k.ends_with(".weight") && t.rank() == 1 {
+                    (&t + t.randn_like(0., 0.2).unwrap()).unwrap()
+                } else {
+                    t
+                };
+                (k, t)
+            })
+            .collect()
+    }
+
     /// The executor against the candle generator on the same random weights.
     fn check(config: GeneratorConfig, shape: (usize, usize, usize, usize)) -> f64 {
-        let varmap = VarMap::new();
-        let generator =
-            Generator::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-        let weights: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| {
-                // Affine norms start at 1 and 0; perturb them so they are really exercised.
-                let t = v.as_tensor();
-                let t = if k.ends_with(".weight") && t.rank() == 1 {
-                    (t + t.randn_like(0., 0.2).unwrap()).unwrap()
-                } else {
-                    t.clone()
-                };
-                (k.clone(), t)
-            })
-            .collect();
+        let weights = random_weights(config, true);
         let reference =
             Generator::new(config, VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu))
                 .unwrap();
-        drop(generator);
         let fast = FastGenerator::new(config, &weights).unwrap();
         let x = Tensor::rand(-1f32, 1., shape, &Device::Cpu).unwrap();
         let (ours, theirs) = (fast.forward(&x).unwrap(), reference.forward(&x).unwrap());
@@ -250,15 +251,7 @@ mod tests {
     fn a_batch_computes_each_sample_exactly_as_alone_on_any_thread_count() {
         for (family, norm_affine) in [(Family::Upsample, false), (Family::Transpose, true)] {
             let config = GeneratorConfig { family, ngf: 8, n_blocks: 2, norm_affine };
-            let varmap = VarMap::new();
-            Generator::new(config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-            let weights: HashMap<String, Tensor> = varmap
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
+            let weights = random_weights(config, norm_affine);
             let fast = FastGenerator::new(config, &weights).unwrap();
             let batch = Tensor::rand(-1f32, 1., (3, 3, 44, 68), &Device::Cpu).unwrap();
             let together = fast.forward(&batch).unwrap();
