@@ -5,9 +5,10 @@ use candle_nn::VarBuilder;
 
 use super::config::DiscriminatorConfig;
 use super::conv::{Conv2d, ConvConfig};
-use super::layers::InstanceNorm;
+use super::instance_norm::{Activation, InstanceNorm};
 
 const LEAKY_SLOPE: f64 = 0.2;
+const LEAKY: Activation = Activation::LeakyRelu(LEAKY_SLOPE);
 /// The four halving convolutions.
 const DOWN: ConvConfig = ConvConfig { kernel: 4, stride: 2, padding: 1 };
 /// The scoring convolution; its asymmetric zero padding is applied before it.
@@ -45,10 +46,10 @@ impl Module for Discriminator {
         let mut h = x.clone();
         for (conv, norm) in &self.convs {
             h = conv.forward(&h)?;
-            if let Some(norm) = norm {
-                h = norm.forward(&h)?;
-            }
-            h = candle_nn::ops::leaky_relu(&h, LEAKY_SLOPE)?;
+            h = match norm {
+                Some(norm) => norm.forward_then(&h, LEAKY)?,
+                None => candle_nn::ops::leaky_relu(&h, LEAKY_SLOPE)?,
+            };
         }
         // Left/top: 1 from ZeroPad2d + 1 from the conv; right/bottom: 1 from the conv.
         let h = h.pad_with_zeros(3, 2, 1)?.pad_with_zeros(2, 2, 1)?;

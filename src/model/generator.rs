@@ -5,7 +5,8 @@ use candle_nn::VarBuilder;
 
 use super::config::{Family, GeneratorConfig, GeneratorLayer};
 use super::conv::{Conv2d, ConvConfig, ConvTranspose2d};
-use super::layers::{reflection_pad, upsample_nearest2x, InstanceNorm};
+use super::instance_norm::{Activation, InstanceNorm};
+use super::layers::{reflection_pad, upsample_nearest2x};
 
 /// Conv, instance norm, ReLU: the downsampling stages.
 #[derive(Clone, Debug)]
@@ -16,7 +17,7 @@ struct ConvNormRelu {
 
 impl Module for ConvNormRelu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.norm.forward(&self.conv.forward(x)?)?.relu()
+        self.norm.forward_then(&self.conv.forward(x)?, Activation::Relu)
     }
 }
 
@@ -63,7 +64,7 @@ fn norm_at(config: &GeneratorConfig, layer: GeneratorLayer, vb: &VarBuilder) -> 
 impl Module for ResidualBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&reflection_pad(x, 1)?)?;
-        let h = self.norm1.forward(&h)?.relu()?;
+        let h = self.norm1.forward_then(&h, Activation::Relu)?;
         let h = self.conv2.forward(&reflection_pad(&h, 1)?)?;
         x + self.norm2.forward(&h)?
     }
@@ -97,7 +98,7 @@ impl Module for UpStage {
             Self::NearestConv { conv, norm } => (conv.forward(&upsample_nearest2x(x)?)?, norm),
             Self::Transposed { conv, norm } => (conv.forward(x)?, norm),
         };
-        norm.forward(&h)?.relu()
+        norm.forward_then(&h, Activation::Relu)
     }
 }
 
@@ -138,7 +139,7 @@ impl Generator {
 impl Module for Generator {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.stem.forward(&reflection_pad(x, 3)?)?;
-        h = self.stem_norm.forward(&h)?.relu()?;
+        h = self.stem_norm.forward_then(&h, Activation::Relu)?;
         for layer in &self.down {
             h = layer.forward(&h)?;
         }

@@ -1,11 +1,9 @@
-//! The layers candle lacks, composed from differentiable candle ops so that training gets their
-//! gradients for free: reflection padding, instance norm, nearest ×2 upsampling.
+//! The layers candle lacks: reflection padding and nearest ×2 upsampling. On the CPU each is one
+//! gather op whose backward is one scatter-add; elsewhere they are composed from differentiable
+//! candle ops.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
-
-/// PyTorch's `InstanceNorm2d` epsilon.
-pub const NORM_EPS: f64 = 1e-5;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Source index of each output position when reflecting `before`/`after` extra entries around a
 /// dimension of length `len`, as PyTorch's `ReflectionPad` does (the edge itself is not
@@ -26,8 +24,9 @@ pub(crate) fn reflect_indices(len: usize, before: usize, after: usize) -> Vec<u3
 
 /// Reflection padding of the last two dimensions of an NCHW tensor.
 ///
-/// Built from `index_select`, whose backward accumulates through `index_add`, so gradients of
-/// the reflected border land on the pixels they were copied from.
+/// On the CPU in f32/f64 one gather, whose backward is one scatter-add of each gradient onto the
+/// pixel it was copied from. Elsewhere `index_select`, whose backward accumulates the same way
+/// through `index_add`.
 pub fn reflection_pad2d(x: &Tensor, left: usize, right: usize, top: usize, bottom: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if left.max(right) >= w || top.max(bottom) >= h {
@@ -36,14 +35,16 @@ pub fn reflection_pad2d(x: &Tensor, left: usize, right: usize, top: usize, botto
              the padding, got {h}×{w}"
         )
     }
+    let (rows, cols) = (reflect_indices(h, top, bottom), reflect_indices(w, left, right));
+    if on_fused_path(x) {
+        return x.contiguous()?.apply_op1(Gather { in_h: h, in_w: w, rows, cols });
+    }
     let mut x = x.clone();
     if left + right > 0 {
-        let idx = Tensor::new(reflect_indices(w, left, right), x.device())?;
-        x = x.index_select(&idx, 3)?;
+        x = x.index_select(&Tensor::new(cols, x.device())?, 3)?;
     }
     if top + bottom > 0 {
-        let idx = Tensor::new(reflect_indices(h, top, bottom), x.device())?;
-        x = x.index_select(&idx, 2)?;
+        x = x.index_select(&Tensor::new(rows, x.device())?, 2)?;
     }
     Ok(x)
 }
@@ -53,60 +54,125 @@ pub fn reflection_pad(x: &Tensor, pad: usize) -> Result<Tensor> {
     reflection_pad2d(x, pad, pad, pad, pad)
 }
 
-/// Nearest-neighbour ×2 upsampling as a broadcast, whose backward sums the four copies.
+/// Nearest-neighbour ×2 upsampling, whose backward sums the four copies.
 ///
-/// candle's `upsample_nearest2d` backward overwrites its input's gradient instead of adding to
-/// it; this form has no such trap.
+/// On the CPU in f32/f64 a gather like the padding's; elsewhere a broadcast (candle's
+/// `upsample_nearest2d` backward overwrites its input's gradient instead of adding to it).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
+    if on_fused_path(x) {
+        let twice = |len: usize| (0..2 * len as u32).map(|i| i / 2).collect();
+        return x.contiguous()?.apply_op1(Gather { in_h: h, in_w: w, rows: twice(h), cols: twice(w) });
+    }
     x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.reshape((n, c, 2 * h, 2 * w))
 }
 
-/// `nn.InstanceNorm2d`: per sample and channel over H×W, biased variance, eps 1e-5, no running
-/// statistics; optionally affine.
-#[derive(Clone, Debug)]
-pub struct InstanceNorm {
-    affine: Option<(Tensor, Tensor)>,
+/// Whether the gather ops below take this tensor.
+fn on_fused_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
-impl InstanceNorm {
-    /// Loads `weight` and `bias` from `vb` when `affine`; `vb` is unused otherwise.
-    pub fn new(channels: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
-        let affine = if affine {
-            let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
-            let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
-            Some((weight, bias))
-        } else {
-            None
-        };
-        Ok(Self { affine })
+/// Output pixel (i, j) of each `in_h`×`in_w` plane is input pixel (rows[i], cols[j]).
+#[derive(Clone, Debug)]
+struct Gather {
+    in_h: usize,
+    in_w: usize,
+    rows: Vec<u32>,
+    cols: Vec<u32>,
+}
+
+impl Gather {
+    fn in_plane(&self) -> usize {
+        self.in_h * self.in_w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.rows.len() * self.cols.len()
+    }
+
+    fn gather<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let (in_plane, out_plane) = (self.in_plane(), self.out_plane());
+        let mut y = vec![T::zero(); x.len() / in_plane * out_plane];
+        y.par_chunks_mut(out_plane).zip(x.par_chunks(in_plane)).for_each(|(ys, xs)| {
+            for (out_row, &r) in ys.chunks_mut(self.cols.len()).zip(&self.rows) {
+                let src = &xs[r as usize * self.in_w..][..self.in_w];
+                for (o, &c) in out_row.iter_mut().zip(&self.cols) {
+                    *o = src[c as usize];
+                }
+            }
+        });
+        y
+    }
+
+    /// The gather's backward: each output gradient added onto its source pixel, plane by plane in
+    /// a fixed order.
+    fn scatter_add<T: WithDType>(&self, dy: &[T]) -> Vec<T> {
+        let (in_plane, out_plane) = (self.in_plane(), self.out_plane());
+        let mut dx = vec![T::zero(); dy.len() / out_plane * in_plane];
+        dx.par_chunks_mut(in_plane).zip(dy.par_chunks(out_plane)).for_each(|(dxs, dys)| {
+            for (grad_row, &r) in dys.chunks(self.cols.len()).zip(&self.rows) {
+                let dst = &mut dxs[r as usize * self.in_w..][..self.in_w];
+                for (&g, &c) in grad_row.iter().zip(&self.cols) {
+                    dst[c as usize] += g;
+                }
+            }
+        });
+        dx
     }
 }
 
-impl Module for InstanceNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let flat = x.reshape((n, c, h * w))?;
-        // Statistics in f32 at least, so reduced-precision activations keep an exact mean.
-        let stats_dtype = if x.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        let flat = flat.to_dtype(stats_dtype)?;
-        let centered = flat.broadcast_sub(&flat.mean_keepdim(D::Minus1)?)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed =
-            centered.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?.reshape((n, c, h, w))?.to_dtype(x.dtype())?;
-        match &self.affine {
-            None => Ok(normed),
-            Some((weight, bias)) => normed
-                .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&bias.reshape((1, c, 1, 1))?),
-        }
+fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
+        None => candle_core::bail!("gather: the input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for Gather {
+    fn name(&self) -> &'static str {
+        "plane-gather"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, _, _) = layout.shape().dims4()?;
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.gather(contiguous::<f32>(storage, layout)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.gather(contiguous::<f64>(storage, layout)?)),
+            _ => candle_core::bail!("gather: f32 or f64 expected"),
+        };
+        Ok((out, Shape::from((n, c, self.rows.len(), self.cols.len()))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&ScatterAdd(self.clone()))?))
+    }
+}
+
+/// The backward of a [`Gather`].
+#[derive(Clone, Debug)]
+struct ScatterAdd(Gather);
+
+impl CustomOp1 for ScatterAdd {
+    fn name(&self) -> &'static str {
+        "plane-scatter-add"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, _, _) = layout.shape().dims4()?;
+        let gather = &self.0;
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(gather.scatter_add(contiguous::<f32>(storage, layout)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(gather.scatter_add(contiguous::<f64>(storage, layout)?)),
+            _ => candle_core::bail!("scatter-add: f32 or f64 expected"),
+        };
+        Ok((out, Shape::from((n, c, gather.in_h, gather.in_w))))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn reflect_indices_match_pytorch() {
@@ -130,20 +196,5 @@ mod tests {
         let y = upsample_nearest2x(&x).unwrap().squeeze(0).unwrap().squeeze(0).unwrap();
         let expected = [[1f32, 1., 2., 2.], [1., 1., 2., 2.], [3., 3., 4., 4.], [3., 3., 4., 4.]];
         assert_eq!(y.to_vec2::<f32>().unwrap(), expected.map(|r| r.to_vec()).to_vec());
-    }
-
-    #[test]
-    fn instance_norm_whitens_each_channel() {
-        let x = Tensor::arange(0f32, 32., &Device::Cpu).unwrap().reshape((1, 2, 4, 4)).unwrap();
-        let x = (x.sqr().unwrap() * 0.1).unwrap();
-        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-        let y = InstanceNorm::new(2, false, vb).unwrap().forward(&x).unwrap();
-        let y = y.reshape((2, 16)).unwrap();
-        let mean = y.mean(1).unwrap().to_vec1::<f32>().unwrap();
-        let var = y.sqr().unwrap().mean(1).unwrap().to_vec1::<f32>().unwrap();
-        for c in 0..2 {
-            assert!(mean[c].abs() < 1e-5, "{mean:?}");
-            assert!((var[c] - 1.).abs() < 1e-3, "{var:?}");
-        }
     }
 }

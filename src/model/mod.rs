@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: the architectures and the PyTorch parameter names and shapes they imply;
 //! - [`generator`], [`discriminator`]: the networks as candle modules (inference and training),
-//!   built from [`layers`] (reflection padding, instance norm, upsampling) and [`conv`] (the
+//!   built from [`layers`] (reflection padding, upsampling), [`instance_norm`] (fused with its
+//!   activation, forward and backward) and [`conv`] (the
 //!   convolutions, with an im2col + GEMM CPU path in both directions);
 //! - [`fast`]: a channels-last CPU executor for the generator, inference only;
 //! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share;
@@ -18,6 +19,7 @@ pub mod file;
 pub mod gemm;
 pub mod generator;
 pub mod import;
+pub mod instance_norm;
 pub mod layers;
 pub mod layout;
 pub mod pickle;

@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use crate::model::layers::{reflect_indices, NORM_EPS};
+use crate::model::instance_norm::NORM_EPS;
+use crate::model::layers::reflect_indices;
 
 /// A batch of images laid out N×H×W×C, so one pixel's channels are contiguous.
 #[derive(Clone, Debug)]
