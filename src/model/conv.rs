@@ -9,7 +9,9 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, WithDType,
+};
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
@@ -330,23 +332,119 @@ fn on_gemm_path(x: &Tensor) -> bool {
 fn apply(
     x: &Tensor,
     weight: &Tensor,
+    bias: &Tensor,
     product: Product,
     geometry: Geometry,
     out_channels: usize,
 ) -> Result<Tensor> {
-    let op = ConvOp { product, geometry, batch: x.dim(0)?, out_channels };
-    x.contiguous()?.apply_op2(&weight.contiguous()?, op)
+    let op = BiasedConvOp(ConvOp { product, geometry, batch: x.dim(0)?, out_channels });
+    x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+}
+
+/// A convolution product (forward, or a transposed convolution) followed by its bias, as one op:
+/// the bias is added in place instead of by a broadcast op allocating a second output, and its
+/// gradient is one pass of per-channel sums.
+#[derive(Clone, Debug)]
+struct BiasedConvOp(ConvOp);
+
+impl BiasedConvOp {
+    fn run<T: Scalar>(&self, a: &[T], b: &[T], bias: &[T]) -> Result<(Vec<T>, Shape)> {
+        let (mut out, shape) = self.0.run(a, b);
+        let (_, channels, h, w) = shape.dims4()?;
+        if bias.len() != channels {
+            candle_core::bail!("conv: {} biases for {channels} output channels", bias.len())
+        }
+        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, values)| {
+            let b = bias[plane % channels];
+            values.iter_mut().for_each(|v| *v += b);
+        });
+        Ok((out, shape))
+    }
+}
+
+impl CustomOp3 for BiasedConvOp {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (a, b, bias) =
+                    (contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?, contiguous_slice(s3, l3)?);
+                let (out, shape) = self.run::<f32>(a, b, bias)?;
+                Ok((CpuStorage::F32(out), shape))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (a, b, bias) =
+                    (contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?, contiguous_slice(s3, l3)?);
+                let (out, shape) = self.run::<f64>(a, b, bias)?;
+                Ok((CpuStorage::F64(out), shape))
+            }
+            _ => candle_core::bail!("conv: f32 or f64 arguments of one dtype expected"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = self.0.bwd(a, b, res, grad)?;
+        Ok((da, db, Some(grad.contiguous()?.apply_op1_no_bwd(&ChannelSums)?)))
+    }
+}
+
+/// Σ over batch and plane per channel of an NCHW tensor: a bias's gradient. Summed in f64 plane
+/// by plane, in order.
+struct ChannelSums;
+
+impl ChannelSums {
+    fn run<T: Scalar>(values: &[T], channels: usize, plane: usize) -> Vec<T> {
+        let sums: Vec<f64> = values.par_chunks(plane).map(|p| p.iter().map(|v| v.to_f64()).sum()).collect();
+        (0..channels).map(|c| T::from_f64(sums.iter().skip(c).step_by(channels).sum())).collect()
+    }
+}
+
+impl CustomOp1 for ChannelSums {
+    fn name(&self) -> &'static str {
+        "conv-bias-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, channels, h, w) = layout.shape().dims4()?;
+        let out = match storage {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(Self::run::<f32>(contiguous_slice(storage, layout)?, channels, h * w))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(Self::run::<f64>(contiguous_slice(storage, layout)?, channels, h * w))
+            }
+            _ => candle_core::bail!("conv bias grad: f32 or f64 expected"),
+        };
+        Ok((out, Shape::from(channels)))
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if on_gemm_path(x) {
+        if on_gemm_path(x) {
             let (_, c, h, w) = x.dims4()?;
             let geometry = Geometry::forward(c, (h, w), self.config)?;
-            apply(x, &self.weight, Product::Forward, geometry, self.weight.dim(0)?)?
-        } else {
-            x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?
-        };
+            return apply(x, &self.weight, &self.bias, Product::Forward, geometry, self.weight.dim(0)?);
+        }
+        let y = x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
@@ -375,17 +473,16 @@ impl ConvTranspose2d {
 
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if on_gemm_path(x) {
+        if on_gemm_path(x) {
             // The convolution this transposes maps the 2H×2W output back onto H×W.
             let (_, cin, h, w) = x.dims4()?;
             let cout = self.weight.dim(1)?;
             let geometry = Geometry::forward(cout, (2 * h, 2 * w), Self::CONFIG)?;
             debug_assert_eq!((geometry.out_h, geometry.out_w), (h, w));
-            apply(x, &self.weight, Product::Transpose, geometry, cin)?
-        } else {
-            let ConvConfig { stride, padding, .. } = Self::CONFIG;
-            x.conv_transpose2d(&self.weight, padding, 1, stride, 1)?
-        };
+            return apply(x, &self.weight, &self.bias, Product::Transpose, geometry, cin);
+        }
+        let ConvConfig { stride, padding, .. } = Self::CONFIG;
+        let y = x.conv_transpose2d(&self.weight, padding, 1, stride, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
