@@ -227,6 +227,8 @@ fn forward(
 }
 
 fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Result<()> {
+    // As cycletrain does, before the first candle op.
+    cycleserve::train::keep_candle_elementwise_on_one_thread();
     println!(
         "cycletrain step (G, F, D_X, D_Y updates), upsample ngf {ngf}, {blocks} blocks, ndf 64, batch 1, CPU"
     );
