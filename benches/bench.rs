@@ -4,7 +4,9 @@
 //! - `engine`: end-to-end images/s through the engine (decode, queue, batch, network, encode)
 //!   with 1, 4 and 16 concurrent callers, batching on and off, and the engine's overhead;
 //! - `forward`: ms/image of one configuration, as JSON (used by `benches/cpu_compare.py`);
-//! - `train`: cycletrain iterations/s of the default architecture at 128² and 256².
+//! - `train`: cycletrain s/iteration (median) of the default architecture at 128² and 256²;
+//!   from given weights and images with `--weights`/`--inputs`, and as JSON with every step's
+//!   losses and the peak RSS with `--json` (used by `benches/train_compare.py`).
 //!
 //! Every number is measured in the same run as the numbers it is compared with.
 
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
@@ -72,15 +75,35 @@ enum What {
         output: Option<PathBuf>,
     },
     Train {
-        #[arg(long, value_delimiter = ',', default_value = "128,256")]
+        /// Crop sizes, each trained from fresh weights on noise.
+        #[arg(long, value_delimiter = ',', default_value = "128,256", conflicts_with = "inputs")]
         sizes: Vec<usize>,
+        /// Timed steps per crop, after one warm-up step.
         #[arg(long, default_value_t = 5)]
         steps: usize,
         #[arg(long, default_value_t = 64)]
         ngf: usize,
         #[arg(long, default_value_t = 9)]
         blocks: usize,
+        /// Start from these weights (safetensors named `G.model.1.weight`, `D_X.model.0.bias`…)
+        /// instead of the seeded initialisation.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Train on these two 1×3×S×S f32 .npy images, X then Y (their size is the crop).
+        #[arg(long, num_args = 2, value_names = ["X", "Y"])]
+        inputs: Option<Vec<PathBuf>>,
+        /// Print one JSON line per crop: median s/iteration, every step's seconds and losses
+        /// (the warm-up first), and the process's peak RSS so far.
+        #[arg(long)]
+        json: bool,
     },
+}
+
+/// What `train` runs on besides the architecture.
+struct TrainSetup {
+    weights: Option<PathBuf>,
+    inputs: Option<Vec<PathBuf>>,
+    json: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,7 +113,9 @@ fn main() -> anyhow::Result<()> {
         What::Forward { model, size, batch, iters, input, output } => {
             forward(&model, (size, batch, iters), input.as_deref(), output.as_deref())
         }
-        What::Train { sizes, steps, ngf, blocks } => train(&sizes, steps, ngf, blocks),
+        What::Train { sizes, steps, ngf, blocks, weights, inputs, json } => {
+            train(&sizes, (steps, ngf, blocks), TrainSetup { weights, inputs, json })
+        }
     }
 }
 
@@ -226,15 +251,43 @@ fn forward(
     Ok(())
 }
 
-fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Result<()> {
+fn train(
+    sizes: &[usize],
+    (steps, ngf, blocks): (usize, usize, usize),
+    setup: TrainSetup,
+) -> anyhow::Result<()> {
     // As cycletrain does, before the first candle op.
     cycleserve::train::keep_candle_elementwise_on_one_thread();
-    println!(
-        "cycletrain step (G, F, D_X, D_Y updates), upsample ngf {ngf}, {blocks} blocks, ndf 64, batch 1, CPU"
-    );
-    println!("| crop | s/iteration | iterations/s |");
-    println!("|---|---|---|");
-    for &size in sizes {
+    anyhow::ensure!(steps > 0, "--steps must be at least 1");
+    let given = match &setup.inputs {
+        Some(paths) => Some((Tensor::read_npy(&paths[0])?, Tensor::read_npy(&paths[1])?)),
+        None => None,
+    };
+    let sizes = match &given {
+        Some((x, y)) => {
+            let (n, c, h, w) = x.dims4()?;
+            anyhow::ensure!(
+                (n, c) == (1, 3) && h == w && x.dims() == y.dims(),
+                "--inputs must be two 1×3×S×S images of one size, got {:?} and {:?}",
+                x.dims(),
+                y.dims()
+            );
+            vec![h]
+        }
+        None => sizes.to_vec(),
+    };
+    let weights = match &setup.weights {
+        Some(path) => Some((path, candle_core::safetensors::load(path, &Device::Cpu)?)),
+        None => None,
+    };
+    if !setup.json {
+        println!(
+            "cycletrain step (G, F, D_X, D_Y updates), upsample ngf {ngf}, {blocks} blocks, ndf 64, batch 1, CPU"
+        );
+        println!("| crop | s/iteration (median of {steps}) | iterations/s |");
+        println!("|---|---|---|");
+    }
+    for size in sizes {
         let config = TrainConfig {
             x_dir: "unused".into(),
             y_dir: "unused".into(),
@@ -258,15 +311,58 @@ fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Re
             pool_size: 50,
             seed: 0,
         };
-        let mut trainer = Trainer::new(config, &Device::Cpu)?;
-        let (x, y) = (input(1, size)?, input(1, size)?);
-        trainer.step(&x, &y)?;
-        let started = Instant::now();
-        for _ in 0..steps {
-            trainer.step(&x, &y)?;
+        let mut trainer = match &weights {
+            Some((path, weights)) => {
+                Trainer::from_weights(config, &Device::Cpu, weights).with_context(|| {
+                    format!("{} does not fit upsample ngf {ngf}, {blocks} blocks, ndf 64", path.display())
+                })?
+            }
+            None => Trainer::new(config, &Device::Cpu)?,
+        };
+        let (x, y) = match &given {
+            Some((x, y)) => (x.clone(), y.clone()),
+            None => (input(1, size)?, input(1, size)?),
+        };
+        let mut seconds = Vec::with_capacity(steps + 1);
+        let mut losses = Vec::with_capacity(steps + 1);
+        for _ in 0..=steps {
+            let started = Instant::now();
+            losses.push(trainer.step(&x, &y)?);
+            seconds.push(started.elapsed().as_secs_f64());
         }
-        let seconds = started.elapsed().as_secs_f64() / steps as f64;
-        println!("| {size}² | {seconds:.2} | {:.3} |", 1.0 / seconds);
+        let median = median(&seconds[1..]);
+        if setup.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "size": size,
+                    "s_per_iteration": median,
+                    "step_seconds": seconds,
+                    "losses": losses,
+                    "peak_rss_kib": peak_rss_kib(),
+                })
+            );
+        } else {
+            println!("| {size}² | {median:.2} | {:.3} |", 1.0 / median);
+        }
     }
     Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+/// The process's peak resident memory (VmHWM), where /proc reports it.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
