@@ -14,6 +14,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Scalar, Threads};
+use super::winograd_train;
 
 /// Upper bound on one im2col tile, in elements (16 MiB of f32).
 const TILE_ELEMENTS: usize = 4 << 20;
@@ -231,6 +232,64 @@ impl ConvOp {
     }
 }
 
+impl ConvOp {
+    /// The f32 products: a 3×3 stride-1 forward or input gradient by Winograd where
+    /// [`winograd_train::worthwhile`] says it is faster, everything else by im2col + GEMM. (f64,
+    /// which the gradient checks use, always takes im2col.)
+    fn run_f32(&self, a: &[f32], b: &[f32]) -> (Vec<f32>, Shape) {
+        let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
+        let winograd = g.kernel == 3
+            && g.stride == 1
+            && g.pad <= 1
+            && winograd_train::worthwhile(g.channels, o, (g.out_h, g.out_w));
+        let (channels, input) = ((g.channels, o), (g.in_h, g.in_w));
+        match self.product {
+            Product::Forward if winograd => (
+                winograd_train::forward(a, b, n, channels, input, g.pad),
+                Shape::from((n, o, g.out_h, g.out_w)),
+            ),
+            Product::Transpose if winograd => (
+                winograd_train::input_grad(a, b, n, channels, input, g.pad),
+                Shape::from((n, g.channels, g.in_h, g.in_w)),
+            ),
+            _ => self.run::<f32>(a, b),
+        }
+    }
+}
+
+/// Which kernel [`conv3x3_f32`] runs.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conv3x3Kernel {
+    Im2colGemm,
+    Winograd,
+}
+
+/// One f32 3×3 stride-1 product (`input_grad`: dx from dy, else y from x) of `channels` =
+/// (in, out) over NCHW `a` with [out, in, 3, 3] weights `w`, forward input plane `input` and
+/// zero padding `pad`, through a chosen kernel: what the benchmark and the tests compare.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_f32(
+    kernel: Conv3x3Kernel,
+    input_grad: bool,
+    a: &[f32],
+    w: &[f32],
+    batch: usize,
+    channels: (usize, usize),
+    input: (usize, usize),
+    pad: usize,
+) -> Result<Vec<f32>> {
+    let config = ConvConfig { kernel: 3, stride: 1, padding: pad };
+    let geometry = Geometry::forward(channels.0, input, config)?;
+    Ok(match (kernel, input_grad) {
+        (Conv3x3Kernel::Winograd, false) => winograd_train::forward(a, w, batch, channels, input, pad),
+        (Conv3x3Kernel::Winograd, true) => winograd_train::input_grad(a, w, batch, channels, input, pad),
+        (Conv3x3Kernel::Im2colGemm, false) => conv_forward(a, w, batch, channels.1, &geometry),
+        (Conv3x3Kernel::Im2colGemm, true) => conv_transpose(a, w, batch, channels.1, &geometry),
+    })
+}
+
 fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
@@ -256,7 +315,7 @@ impl CustomOp2 for ConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (out, shape) = self.run::<f32>(contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?);
+                let (out, shape) = self.run_f32(contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?);
                 Ok((CpuStorage::F32(out), shape))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
