@@ -4,7 +4,9 @@
 //! - `engine`: end-to-end images/s through the engine (decode, queue, batch, network, encode)
 //!   with 1, 4 and 16 concurrent callers, batching on and off, and the engine's overhead;
 //! - `forward`: ms/image of one configuration, as JSON (used by `benches/cpu_compare.py`);
-//! - `train`: cycletrain iterations/s of the default architecture at 128² and 256².
+//! - `train`: cycletrain iterations/s of the default architecture at 128² and 256²;
+//! - `conv3x3`: ms per f32 3×3 stride-1 forward and input gradient, im2col + GEMM against
+//!   Winograd, for the shapes the training dispatch chooses between.
 //!
 //! Every number is measured in the same run as the numbers it is compared with.
 
@@ -19,6 +21,7 @@ use cycleserve::engine::catalog::load_model;
 use cycleserve::engine::codec::OutputFormat;
 use cycleserve::engine::observer::NoopObserver;
 use cycleserve::engine::{Engine, EngineConfig};
+use cycleserve::model::conv::{conv3x3_f32, Conv3x3Kernel};
 use cycleserve::model::{Direction, Family, GeneratorConfig, Model};
 use cycleserve::train::optim::AdamConfig;
 use cycleserve::train::{TrainConfig, Trainer};
@@ -81,6 +84,13 @@ enum What {
         #[arg(long, default_value_t = 9)]
         blocks: usize,
     },
+    Conv3x3 {
+        /// `in:out:side:pad` per shape (square input plane of `side`, zero padding `pad`).
+        #[arg(long, value_delimiter = ',', default_value = "256:256:34:0,128:64:128:1,256:128:64:1")]
+        shapes: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +101,7 @@ fn main() -> anyhow::Result<()> {
             forward(&model, (size, batch, iters), input.as_deref(), output.as_deref())
         }
         What::Train { sizes, steps, ngf, blocks } => train(&sizes, steps, ngf, blocks),
+        What::Conv3x3 { shapes, rounds } => conv3x3(&shapes, rounds),
     }
 }
 
@@ -265,6 +276,41 @@ fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Re
         }
         let seconds = started.elapsed().as_secs_f64() / steps as f64;
         println!("| {size}² | {seconds:.2} | {:.3} |", 1.0 / seconds);
+    }
+    Ok(())
+}
+
+fn conv3x3(shapes: &[String], rounds: usize) -> anyhow::Result<()> {
+    println!("f32 3×3 stride-1 products, batch 1, best of {rounds}, {} threads", rayon::current_num_threads());
+    println!("| in→out | input | pad | product | im2col+GEMM ms | Winograd ms | speed-up |");
+    println!("|---|---|---|---|---|---|---|");
+    for shape in shapes {
+        let fields: Vec<usize> = shape.split(':').map(str::parse).collect::<Result<_, _>>()?;
+        let &[cin, cout, side, pad] = fields.as_slice() else {
+            anyhow::bail!("shape {shape:?}: expected in:out:side:pad")
+        };
+        let out_side = side + 2 * pad - 2;
+        let random = |len: usize| -> anyhow::Result<Vec<f32>> {
+            Ok(Tensor::rand(-1f32, 1., len, &Device::Cpu)?.to_vec1()?)
+        };
+        let weight = random(cout * cin * 9)?;
+        let x = random(cin * side * side)?;
+        let dy = random(cout * out_side * out_side)?;
+        for (input_grad, a, name) in [(false, &x, "forward"), (true, &dy, "input grad")] {
+            let mut time = |kernel| {
+                best_of(rounds, || {
+                    conv3x3_f32(kernel, input_grad, a, &weight, 1, (cin, cout), (side, side), pad)?;
+                    Ok(())
+                })
+            };
+            let (gemm, winograd) = (time(Conv3x3Kernel::Im2colGemm)?, time(Conv3x3Kernel::Winograd)?);
+            println!(
+                "| {cin}→{cout} | {side}² | {pad} | {name} | {:.2} | {:.2} | {:.2}× |",
+                gemm * 1e3,
+                winograd * 1e3,
+                gemm / winograd
+            );
+        }
     }
     Ok(())
 }

@@ -491,6 +491,53 @@ mod tests {
         }
     }
 
+    /// A layer wide enough for the Winograd route, in f32 forward and backward, against the same
+    /// layer in f64 (which always takes im2col): the dispatch wires x, dy, w and the padding through
+    /// correctly.
+    #[test]
+    fn winograd_routed_layer_matches_f64_forward_and_backward() {
+        for padding in [0, 1] {
+            let (c, o, h, w) = (32, 40, 13, 11);
+            assert!(winograd_train::worthwhile(c, o, (h + 2 * padding - 2, w + 2 * padding - 2)));
+            let run = |dtype: DType| {
+                let x = Var::from_tensor(&randn(&[2, c, h, w]).to_dtype(dtype).unwrap()).unwrap();
+                let weight = Var::from_tensor(&randn(&[o, c, 3, 3]).to_dtype(dtype).unwrap()).unwrap();
+                let conv = Conv2d {
+                    weight: weight.as_tensor().clone(),
+                    bias: Tensor::zeros(o, dtype, &Device::Cpu).unwrap(),
+                    config: ConvConfig { kernel: 3, stride: 1, padding },
+                };
+                let y = conv.forward(x.as_tensor()).unwrap();
+                let probe = Tensor::ones(y.dims(), dtype, &Device::Cpu).unwrap().cumsum(3).unwrap();
+                let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = grads.get(x.as_tensor()).unwrap().clone();
+                let dw = grads.get(weight.as_tensor()).unwrap().clone();
+                (x, weight, [y, dx, dw])
+            };
+            let (x, weight, ours) = run(DType::F32);
+            // Same values in f64: rebuild from the f32 draws.
+            let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let w64 = Var::from_tensor(&weight.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let conv = Conv2d {
+                weight: w64.as_tensor().clone(),
+                bias: Tensor::zeros(o, DType::F64, &Device::Cpu).unwrap(),
+                config: ConvConfig { kernel: 3, stride: 1, padding },
+            };
+            let y = conv.forward(x64.as_tensor()).unwrap();
+            let probe = Tensor::ones(y.dims(), DType::F64, &Device::Cpu).unwrap().cumsum(3).unwrap();
+            let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let reference =
+                [y, grads.get(x64.as_tensor()).unwrap().clone(), grads.get(w64.as_tensor()).unwrap().clone()];
+            for (name, (a, b)) in ["y", "dx", "dw"].iter().zip(ours.iter().zip(&reference)) {
+                let a = a.to_dtype(DType::F64).unwrap();
+                let diff = (&a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+                let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+                let error = (diff / norm).sqrt();
+                assert!(error < 1e-5, "padding {padding}, {name}: relative L2 error {error:e}");
+            }
+        }
+    }
+
     #[test]
     fn transposed_conv_matches_candle() {
         let x = randn(&[2, 6, 5, 7]);
