@@ -297,7 +297,7 @@ fn conv3x3(shapes: &[String], rounds: usize) -> anyhow::Result<()> {
         let x = random(cin * side * side)?;
         let dy = random(cout * out_side * out_side)?;
         for (input_grad, a, name) in [(false, &x, "forward"), (true, &dy, "input grad")] {
-            let mut time = |kernel| {
+            let time = |kernel| {
                 best_of(rounds, || {
                     conv3x3_f32(kernel, input_grad, a, &weight, 1, (cin, cout), (side, side), pad)?;
                     Ok(())

@@ -28,9 +28,9 @@ const TILE: usize = 4;
 const SIDE: usize = TILE + 2;
 /// Points of a transformed tile.
 const POINTS: usize = SIDE * SIDE;
-/// Budget for one block's transformed inputs and products, in floats (4 MiB): enough tiles for
+/// Budget for one block's transformed inputs and products, in floats (8 MiB): enough tiles for
 /// long GEMM rows, little enough that a block stays in the last-level cache.
-const BLOCK_FLOATS: usize = 1 << 20;
+const BLOCK_FLOATS: usize = 2 << 20;
 
 /// Smallest channel count (of either side) for which Winograd beats im2col + GEMM: below it the
 /// transforms, not the products, dominate. Measured with `cargo bench --bench bench -- conv3x3`.
@@ -67,10 +67,12 @@ impl Plan {
         Self { batch, in_channels, out_channels, in_h, in_w, pad, out_h, out_w, tiles_x, tiles_y }
     }
 
-    /// Tile rows per block, within [`BLOCK_FLOATS`] (at least one).
+    /// Tile rows per block: as few blocks as [`BLOCK_FLOATS`] allows (a block holds at least
+    /// one tile row), of even sizes.
     fn block_rows(&self) -> usize {
         let per_row = POINTS * self.tiles_x * (self.in_channels + self.out_channels);
-        (BLOCK_FLOATS / per_row).clamp(1, self.tiles_y)
+        let most = (BLOCK_FLOATS / per_row).clamp(1, self.tiles_y);
+        self.tiles_y.div_ceil(self.tiles_y.div_ceil(most))
     }
 }
 
@@ -100,22 +102,33 @@ enum Orientation {
     InputGrad,
 }
 
-/// G applied to one 3-tap vector: the 6 transform points (G of F(4×4, 3×3), Lavin & Gray 2016).
+/// G of F(4×4, 3×3) (Lavin & Gray 2016) applied to 3-tap vectors held as three lines (one per
+/// tap, element-wise across kernels), giving the 6 transform points as six lines.
 #[inline(always)]
-fn g_taps(g0: f32, g1: f32, g2: f32) -> [f32; SIDE] {
-    let (even, odd) = (g0 + g2, g1);
-    [
-        g0 / 4.0,
-        -(even + odd) / 6.0,
-        -(even - odd) / 6.0,
-        g0 / 24.0 + g1 / 12.0 + g2 / 6.0,
-        g0 / 24.0 - g1 / 12.0 + g2 / 6.0,
-        g2,
-    ]
+fn g_lines([g0, g1, g2]: [&[f32]; 3], out: [&mut [f32]; SIDE]) {
+    let n = g0.len();
+    let (g0, g1, g2) = (&g0[..n], &g1[..n], &g2[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out.map(|o| &mut o[..n]);
+    for k in 0..n {
+        let (a, b, c) = (g0[k], g1[k], g2[k]);
+        o0[k] = a / 4.0;
+        o1[k] = -(a + b + c) / 6.0;
+        o2[k] = -(a - b + c) / 6.0;
+        o3[k] = a / 24.0 + b / 12.0 + c / 6.0;
+        o4[k] = a / 24.0 - b / 12.0 + c / 6.0;
+        o5[k] = c;
+    }
+}
+
+/// Six disjoint `len`-long lines of `buf`: line indices `first`, `first + step`, …
+fn six_lines(buf: &mut [f32], len: usize, first: usize, step: usize) -> [&mut [f32]; SIDE] {
+    let mut lines = buf.chunks_exact_mut(len).skip(first).step_by(step);
+    std::array::from_fn(|_| lines.next().expect("line inside the buffer"))
 }
 
 /// U = G g Gᵀ for every kernel, laid out U[out][point][in] (a per-point GEMM operand with row
-/// stride POINTS·in), in parallel over output channels.
+/// stride POINTS·in), in parallel over output channels. Per output channel the kernels' taps are
+/// gathered into lines across input channels, so both passes of G run over whole lines.
 fn transform_weights(w: &[f32], cout: usize, cin: usize, orientation: Orientation) -> Transformed {
     let (outs, ins) = match orientation {
         Orientation::Forward => (cout, cin),
@@ -123,21 +136,29 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize, orientation: Orientatio
     };
     assert_eq!(w.len(), cout * cin * 9, "winograd: weight shape");
     let mut u = vec![0f32; outs * POINTS * ins];
-    u.par_chunks_mut(POINTS * ins).enumerate().for_each(|(a, row)| {
+    u.par_chunks_mut(POINTS * ins).enumerate().for_each_init(Vec::new, |scratch, (a, row)| {
+        // taps[r][s][b], then half[s][i][b] = (G · kernel[.., s])[i].
+        scratch.resize((9 + 3 * SIDE) * ins, 0.0);
+        let (taps, half) = scratch.split_at_mut(9 * ins);
         for b in 0..ins {
-            let (kernel, flip) = match orientation {
-                Orientation::Forward => (&w[(a * cin + b) * 9..][..9], false),
-                Orientation::InputGrad => (&w[(b * cin + a) * 9..][..9], true),
+            let kernel = match orientation {
+                Orientation::Forward => &w[(a * cin + b) * 9..][..9],
+                Orientation::InputGrad => &w[(b * cin + a) * 9..][..9],
             };
-            let tap = |r: usize, s: usize| if flip { kernel[(2 - r) * 3 + (2 - s)] } else { kernel[r * 3 + s] };
-            // Columns first: gc[s] = G · kernel[.., s], then each of its rows times Gᵀ.
-            let gc = [0, 1, 2].map(|s| g_taps(tap(0, s), tap(1, s), tap(2, s)));
-            for i in 0..SIDE {
-                let point_row = g_taps(gc[0][i], gc[1][i], gc[2][i]);
-                for (j, &v) in point_row.iter().enumerate() {
-                    row[(i * SIDE + j) * ins + b] = v;
-                }
+            for (t, &value) in kernel.iter().enumerate() {
+                // A 180° rotation reverses the 9 taps.
+                let t = if orientation == Orientation::InputGrad { 8 - t } else { t };
+                taps[t * ins + b] = value;
             }
+        }
+        let tap = |r: usize, s: usize| &taps[(r * 3 + s) * ins..][..ins];
+        for s in 0..3 {
+            g_lines([tap(0, s), tap(1, s), tap(2, s)], six_lines(half, ins, s * SIDE, 1));
+        }
+        let half = &*half;
+        for i in 0..SIDE {
+            let column = |s: usize| &half[(s * SIDE + i) * ins..][..ins];
+            g_lines([column(0), column(1), column(2)], six_lines(row, ins, i * SIDE, 1));
         }
     });
     Transformed { u, outs, ins }
@@ -168,7 +189,7 @@ fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
             let (v, m) = (&mut v[..cin * POINTS * tiles], &mut m[..POINTS * cout * tiles]);
             // V[c][point][tile]
             v.par_chunks_mut(POINTS * tiles).zip(xs.par_chunks_exact(plan.in_h * plan.in_w)).for_each_init(
-                || Vec::new(),
+                Vec::new,
                 |scratch, (v, plane)| input_transform(plane, plan, rows.clone(), v, scratch),
             );
             // M[point][o][tile] = Σ_c U[o][point][c] · V[c][point][tile]
@@ -179,7 +200,7 @@ fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
             });
             let m = &*m;
             ys.par_chunks_exact_mut(plan.out_h * plan.out_w).enumerate().for_each_init(
-                || Vec::new(),
+                Vec::new,
                 |scratch, (o, plane)| output_transform(m, o, plan, rows.clone(), plane, scratch),
             );
         }
@@ -384,6 +405,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The bit-exact resume of `cycletrain` needs results that do not depend on the thread count.
+    #[test]
+    fn results_are_bit_identical_across_thread_counts() {
+        let (batch, cin, cout, h, w, pad) = (2, 40, 36, 17, 22, 1);
+        let weight = values(cout * cin * 9, 11);
+        let x = values(batch * cin * h * w, 12);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let y = forward(&x, &weight, batch, (cin, cout), (h, w), pad);
+                let dx = input_grad(&y, &weight, batch, (cin, cout), (h, w), pad);
+                (y, dx)
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3, 5] {
+            assert!(run(threads) == one, "{threads} threads differ from one");
         }
     }
 
