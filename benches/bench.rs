@@ -281,7 +281,10 @@ fn train(sizes: &[usize], steps: usize, ngf: usize, blocks: usize) -> anyhow::Re
 }
 
 fn conv3x3(shapes: &[String], rounds: usize) -> anyhow::Result<()> {
-    println!("f32 3×3 stride-1 products, batch 1, best of {rounds}, {} threads", rayon::current_num_threads());
+    println!(
+        "f32 3×3 stride-1 products, batch 1, best of {rounds}, {} threads",
+        rayon::current_num_threads()
+    );
     println!("| in→out | input | pad | product | im2col+GEMM ms | Winograd ms | speed-up |");
     println!("|---|---|---|---|---|---|---|");
     for shape in shapes {

@@ -33,10 +33,12 @@ const POINTS: usize = SIDE * SIDE;
 const BLOCK_FLOATS: usize = 2 << 20;
 
 /// Smallest channel count (of either side) for which Winograd beats im2col + GEMM: below it the
-/// transforms, not the products, dominate. Measured with `cargo bench --bench bench -- conv3x3`.
+/// transforms, not the products, dominate (16→16 at 64²: forward 0.94×; 32→32: 1.29×). Measured
+/// with `cargo bench --bench bench -- conv3x3` on 2 cores; see BENCHMARKS.md.
 const MIN_CHANNELS: usize = 32;
-/// Smallest output side for which it wins: tiny planes waste most of each 4×4 tile.
-const MIN_OUTPUT_SIDE: usize = 8;
+/// Smallest output side for which it wins: on smaller planes the per-block fixed costs (36
+/// short GEMMs, three parallel passes) dominate (64→64 at 16²: forward 0.64×; at 32²: 1.08×).
+const MIN_OUTPUT_SIDE: usize = 32;
 
 /// Whether a 3×3 stride-1 product with these channels and output plane is faster by Winograd.
 pub fn worthwhile(in_channels: usize, out_channels: usize, (out_h, out_w): (usize, usize)) -> bool {
@@ -60,7 +62,12 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(batch: usize, (in_channels, out_channels): (usize, usize), (in_h, in_w): (usize, usize), pad: usize) -> Self {
+    fn new(
+        batch: usize,
+        (in_channels, out_channels): (usize, usize),
+        (in_h, in_w): (usize, usize),
+        pad: usize,
+    ) -> Self {
         assert!(in_h + 2 * pad >= 3 && in_w + 2 * pad >= 3, "winograd: input smaller than the kernel");
         let (out_h, out_w) = (in_h + 2 * pad - 2, in_w + 2 * pad - 2);
         let (tiles_y, tiles_x) = (out_h.div_ceil(TILE), out_w.div_ceil(TILE));
@@ -78,7 +85,14 @@ impl Plan {
 
 /// y = conv(x, w): `x` is [batch, cin, h, w], `w` PyTorch's [cout, cin, 3, 3], zero padding
 /// `pad`; returns [batch, cout, h + 2·pad − 2, w + 2·pad − 2].
-pub fn forward(x: &[f32], w: &[f32], batch: usize, (cin, cout): (usize, usize), (h, wd): (usize, usize), pad: usize) -> Vec<f32> {
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    batch: usize,
+    (cin, cout): (usize, usize),
+    (h, wd): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
     let plan = Plan::new(batch, (cin, cout), (h, wd), pad);
     correlate(x, &transform_weights(w, cout, cin, Orientation::Forward), &plan)
 }
@@ -86,7 +100,14 @@ pub fn forward(x: &[f32], w: &[f32], batch: usize, (cin, cout): (usize, usize), 
 /// dx of `forward` for output gradient `dy` ([batch, cout, out_h, out_w]): the full correlation
 /// of `dy` (padded by `2 − pad`) with the rotated, channel-swapped kernels; returns [batch, cin,
 /// h, w] for the forward input size `(h, w)`.
-pub fn input_grad(dy: &[f32], w: &[f32], batch: usize, (cin, cout): (usize, usize), (h, wd): (usize, usize), pad: usize) -> Vec<f32> {
+pub fn input_grad(
+    dy: &[f32],
+    w: &[f32],
+    batch: usize,
+    (cin, cout): (usize, usize),
+    (h, wd): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
     assert!(pad <= 2, "winograd: input gradient needs padding of at most 2");
     let plan = Plan::new(batch, (cout, cin), (h + 2 * pad - 2, wd + 2 * pad - 2), 2 - pad);
     debug_assert_eq!((plan.out_h, plan.out_w), (h, wd));
@@ -188,10 +209,11 @@ fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
             let tiles = rows.len() * plan.tiles_x;
             let (v, m) = (&mut v[..cin * POINTS * tiles], &mut m[..POINTS * cout * tiles]);
             // V[c][point][tile]
-            v.par_chunks_mut(POINTS * tiles).zip(xs.par_chunks_exact(plan.in_h * plan.in_w)).for_each_init(
-                Vec::new,
-                |scratch, (v, plane)| input_transform(plane, plan, rows.clone(), v, scratch),
-            );
+            v.par_chunks_mut(POINTS * tiles)
+                .zip(xs.par_chunks_exact(plan.in_h * plan.in_w))
+                .for_each_init(Vec::new, |scratch, (v, plane)| {
+                    input_transform(plane, plan, rows.clone(), v, scratch)
+                });
             // M[point][o][tile] = Σ_c U[o][point][c] · V[c][point][tile]
             m.par_chunks_mut(cout * tiles).enumerate().for_each(|(p, m)| {
                 let u = Mat::new(&weights.u[p * cin..], cout, cin, POINTS * cin);
@@ -199,10 +221,11 @@ fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
                 matmul(MatMut::new(m, cout, tiles, tiles), false, u, vp, Threads::One);
             });
             let m = &*m;
-            ys.par_chunks_exact_mut(plan.out_h * plan.out_w).enumerate().for_each_init(
-                Vec::new,
-                |scratch, (o, plane)| output_transform(m, o, plan, rows.clone(), plane, scratch),
-            );
+            ys.par_chunks_exact_mut(plan.out_h * plan.out_w)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (o, plane)| {
+                    output_transform(m, o, plan, rows.clone(), plane, scratch)
+                });
         }
     }
     y
@@ -239,7 +262,9 @@ fn input_transform(plane: &[f32], plan: &Plan, rows: Range<usize>, v: &mut [f32]
     for (r, ty) in rows.enumerate() {
         for (k, line) in lines.chunks_exact_mut(width).enumerate() {
             line.fill(0.0);
-            let Some(iy) = (TILE * ty + k).checked_sub(plan.pad).filter(|&iy| iy < plan.in_h) else { continue };
+            let Some(iy) = (TILE * ty + k).checked_sub(plan.pad).filter(|&iy| iy < plan.in_h) else {
+                continue;
+            };
             let src = &plane[iy * plan.in_w..][..plan.in_w];
             let end = (plan.pad + plan.in_w).min(width);
             line[plan.pad..end].copy_from_slice(&src[..end - plan.pad]);
@@ -272,7 +297,14 @@ fn input_transform(plane: &[f32], plan: &Plan, rows: Range<usize>, v: &mut [f32]
 
 /// Y = Aᵀ M A for every tile of tile rows `rows`, for output channel `o`, into its plane
 /// (positions past the plane's edge are dropped).
-fn output_transform(m: &[f32], o: usize, plan: &Plan, rows: Range<usize>, plane: &mut [f32], scratch: &mut Vec<f32>) {
+fn output_transform(
+    m: &[f32],
+    o: usize,
+    plan: &Plan,
+    rows: Range<usize>,
+    plane: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     let tiles = rows.len() * plan.tiles_x;
     let (tx_n, cout) = (plan.tiles_x, plan.out_channels);
     // point p of tile t lives at m[(p * cout + o) * tiles + t]
@@ -298,11 +330,10 @@ fn output_transform(m: &[f32], o: usize, plan: &Plan, rows: Range<usize>, plane:
             }
             let line = &mut plane[oy * plan.out_w..][..plan.out_w];
             let half: [&[f32]; SIDE] = std::array::from_fn(|j| &scratch[(i * SIDE + j) * tx_n..][..tx_n]);
-            for tx in 0..tx_n {
+            // One chunk per tile column; the last is cut at the plane's edge.
+            for (tx, dst) in line.chunks_mut(TILE).enumerate() {
                 let out = at([half[0][tx], half[1][tx], half[2][tx], half[3][tx], half[4][tx], half[5][tx]]);
-                let ox = TILE * tx;
-                let n = TILE.min(plan.out_w - ox);
-                line[ox..ox + n].copy_from_slice(&out[..n]);
+                dst.copy_from_slice(&out[..dst.len()]);
             }
         }
     }
@@ -433,5 +464,6 @@ mod tests {
         assert!(worthwhile(256, 256, (32, 32)));
         assert!(!worthwhile(3, 256, (32, 32)));
         assert!(!worthwhile(256, 256, (3, 5)));
+        assert!(!worthwhile(64, 64, (16, 16)));
     }
 }
