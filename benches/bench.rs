@@ -7,6 +7,8 @@
 //! - `train`: cycletrain s/iteration (median) of the default architecture at 128² and 256²;
 //!   from given weights and images with `--weights`/`--inputs`, and as JSON with every step's
 //!   losses and the peak RSS with `--json` (used by `benches/train_compare.py`).
+//! - `conv3x3`: ms per f32 3×3 stride-1 forward and input gradient, im2col + GEMM against
+//!   Winograd, for the shapes the training dispatch chooses between.
 //!
 //! Every number is measured in the same run as the numbers it is compared with.
 
@@ -22,6 +24,7 @@ use cycleserve::engine::catalog::load_model;
 use cycleserve::engine::codec::OutputFormat;
 use cycleserve::engine::observer::NoopObserver;
 use cycleserve::engine::{Engine, EngineConfig};
+use cycleserve::model::conv::{conv3x3_f32, Conv3x3Kernel};
 use cycleserve::model::{Direction, Family, GeneratorConfig, Model};
 use cycleserve::train::optim::AdamConfig;
 use cycleserve::train::{TrainConfig, Trainer};
@@ -97,6 +100,13 @@ enum What {
         #[arg(long)]
         json: bool,
     },
+    Conv3x3 {
+        /// `in:out:side:pad` per shape (square input plane of `side`, zero padding `pad`).
+        #[arg(long, value_delimiter = ',', default_value = "256:256:34:0,128:64:128:1,256:128:64:1")]
+        shapes: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 /// What `train` runs on besides the architecture.
@@ -116,6 +126,7 @@ fn main() -> anyhow::Result<()> {
         What::Train { sizes, steps, ngf, blocks, weights, inputs, json } => {
             train(&sizes, (steps, ngf, blocks), TrainSetup { weights, inputs, json })
         }
+        What::Conv3x3 { shapes, rounds } => conv3x3(&shapes, rounds),
     }
 }
 
@@ -365,4 +376,42 @@ fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn conv3x3(shapes: &[String], rounds: usize) -> anyhow::Result<()> {
+    println!(
+        "f32 3×3 stride-1 products, batch 1, best of {rounds}, {} threads",
+        rayon::current_num_threads()
+    );
+    println!("| in→out | input | pad | product | im2col+GEMM ms | Winograd ms | speed-up |");
+    println!("|---|---|---|---|---|---|---|");
+    for shape in shapes {
+        let fields: Vec<usize> = shape.split(':').map(str::parse).collect::<Result<_, _>>()?;
+        let &[cin, cout, side, pad] = fields.as_slice() else {
+            anyhow::bail!("shape {shape:?}: expected in:out:side:pad")
+        };
+        let out_side = side + 2 * pad - 2;
+        let random = |len: usize| -> anyhow::Result<Vec<f32>> {
+            Ok(Tensor::rand(-1f32, 1., len, &Device::Cpu)?.to_vec1()?)
+        };
+        let weight = random(cout * cin * 9)?;
+        let x = random(cin * side * side)?;
+        let dy = random(cout * out_side * out_side)?;
+        for (input_grad, a, name) in [(false, &x, "forward"), (true, &dy, "input grad")] {
+            let time = |kernel| {
+                best_of(rounds, || {
+                    conv3x3_f32(kernel, input_grad, a, &weight, 1, (cin, cout), (side, side), pad)?;
+                    Ok(())
+                })
+            };
+            let (gemm, winograd) = (time(Conv3x3Kernel::Im2colGemm)?, time(Conv3x3Kernel::Winograd)?);
+            println!(
+                "| {cin}→{cout} | {side}² | {pad} | {name} | {:.2} | {:.2} | {:.2}× |",
+                gemm * 1e3,
+                winograd * 1e3,
+                gemm / winograd
+            );
+        }
+    }
+    Ok(())
 }

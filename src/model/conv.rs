@@ -16,6 +16,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Scalar, Threads};
+use super::winograd_train;
 
 /// Upper bound on one im2col tile, in elements (16 MiB of f32).
 const TILE_ELEMENTS: usize = 4 << 20;
@@ -233,6 +234,64 @@ impl ConvOp {
     }
 }
 
+impl ConvOp {
+    /// The f32 products: a 3×3 stride-1 forward or input gradient by Winograd where
+    /// [`winograd_train::worthwhile`] says it is faster, everything else by im2col + GEMM. (f64,
+    /// which the gradient checks use, always takes im2col.)
+    fn run_f32(&self, a: &[f32], b: &[f32]) -> (Vec<f32>, Shape) {
+        let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
+        let winograd = g.kernel == 3
+            && g.stride == 1
+            && g.pad <= 1
+            && winograd_train::worthwhile(g.channels, o, (g.out_h, g.out_w));
+        let (channels, input) = ((g.channels, o), (g.in_h, g.in_w));
+        match self.product {
+            Product::Forward if winograd => (
+                winograd_train::forward(a, b, n, channels, input, g.pad),
+                Shape::from((n, o, g.out_h, g.out_w)),
+            ),
+            Product::Transpose if winograd => (
+                winograd_train::input_grad(a, b, n, channels, input, g.pad),
+                Shape::from((n, g.channels, g.in_h, g.in_w)),
+            ),
+            _ => self.run::<f32>(a, b),
+        }
+    }
+}
+
+/// Which kernel [`conv3x3_f32`] runs.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conv3x3Kernel {
+    Im2colGemm,
+    Winograd,
+}
+
+/// One f32 3×3 stride-1 product (`input_grad`: dx from dy, else y from x) of `channels` =
+/// (in, out) over NCHW `a` with [out, in, 3, 3] weights `w`, forward input plane `input` and
+/// zero padding `pad`, through a chosen kernel: what the benchmark and the tests compare.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_f32(
+    kernel: Conv3x3Kernel,
+    input_grad: bool,
+    a: &[f32],
+    w: &[f32],
+    batch: usize,
+    channels: (usize, usize),
+    input: (usize, usize),
+    pad: usize,
+) -> Result<Vec<f32>> {
+    let config = ConvConfig { kernel: 3, stride: 1, padding: pad };
+    let geometry = Geometry::forward(channels.0, input, config)?;
+    Ok(match (kernel, input_grad) {
+        (Conv3x3Kernel::Winograd, false) => winograd_train::forward(a, w, batch, channels, input, pad),
+        (Conv3x3Kernel::Winograd, true) => winograd_train::input_grad(a, w, batch, channels, input, pad),
+        (Conv3x3Kernel::Im2colGemm, false) => conv_forward(a, w, batch, channels.1, &geometry),
+        (Conv3x3Kernel::Im2colGemm, true) => conv_transpose(a, w, batch, channels.1, &geometry),
+    })
+}
+
 fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
@@ -258,7 +317,7 @@ impl CustomOp2 for ConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (out, shape) = self.run::<f32>(contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?);
+                let (out, shape) = self.run_f32(contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?);
                 Ok((CpuStorage::F32(out), shape))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
@@ -348,8 +407,8 @@ fn apply(
 struct BiasedConvOp(ConvOp);
 
 impl BiasedConvOp {
-    fn run<T: Scalar>(&self, a: &[T], b: &[T], bias: &[T]) -> Result<(Vec<T>, Shape)> {
-        let (mut out, shape) = self.0.run(a, b);
+    /// Adds `bias` in place to the product `(out, shape)`.
+    fn with_bias<T: Scalar>(&self, (mut out, shape): (Vec<T>, Shape), bias: &[T]) -> Result<(Vec<T>, Shape)> {
         let (_, channels, h, w) = shape.dims4()?;
         if bias.len() != channels {
             candle_core::bail!("conv: {} biases for {channels} output channels", bias.len())
@@ -380,13 +439,13 @@ impl CustomOp3 for BiasedConvOp {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let (a, b, bias) =
                     (contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?, contiguous_slice(s3, l3)?);
-                let (out, shape) = self.run::<f32>(a, b, bias)?;
+                let (out, shape) = self.with_bias(self.0.run_f32(a, b), bias)?;
                 Ok((CpuStorage::F32(out), shape))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 let (a, b, bias) =
                     (contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?, contiguous_slice(s3, l3)?);
-                let (out, shape) = self.run::<f64>(a, b, bias)?;
+                let (out, shape) = self.with_bias(self.0.run::<f64>(a, b), bias)?;
                 Ok((CpuStorage::F64(out), shape))
             }
             _ => candle_core::bail!("conv: f32 or f64 arguments of one dtype expected"),
@@ -525,6 +584,53 @@ mod tests {
             for v in [&x, &weight] {
                 let (a, b) = (g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap());
                 assert!(max_diff(a, b) < 1e-3, "gradient {:?}", (n, c, o, h, w, k, s, p));
+            }
+        }
+    }
+
+    /// A layer wide enough for the Winograd route, in f32 forward and backward, against the same
+    /// layer in f64 (which always takes im2col): the dispatch wires x, dy, w and the padding through
+    /// correctly.
+    #[test]
+    fn winograd_routed_layer_matches_f64_forward_and_backward() {
+        for padding in [0, 1] {
+            let (c, o, h, w) = (32, 40, 35, 34);
+            assert!(winograd_train::worthwhile(c, o, (h + 2 * padding - 2, w + 2 * padding - 2)));
+            let run = |dtype: DType| {
+                let x = Var::from_tensor(&randn(&[2, c, h, w]).to_dtype(dtype).unwrap()).unwrap();
+                let weight = Var::from_tensor(&randn(&[o, c, 3, 3]).to_dtype(dtype).unwrap()).unwrap();
+                let conv = Conv2d {
+                    weight: weight.as_tensor().clone(),
+                    bias: Tensor::zeros(o, dtype, &Device::Cpu).unwrap(),
+                    config: ConvConfig { kernel: 3, stride: 1, padding },
+                };
+                let y = conv.forward(x.as_tensor()).unwrap();
+                let probe = Tensor::ones(y.dims(), dtype, &Device::Cpu).unwrap().cumsum(3).unwrap();
+                let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = grads.get(x.as_tensor()).unwrap().clone();
+                let dw = grads.get(weight.as_tensor()).unwrap().clone();
+                (x, weight, [y, dx, dw])
+            };
+            let (x, weight, ours) = run(DType::F32);
+            // Same values in f64: rebuild from the f32 draws.
+            let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let w64 = Var::from_tensor(&weight.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let conv = Conv2d {
+                weight: w64.as_tensor().clone(),
+                bias: Tensor::zeros(o, DType::F64, &Device::Cpu).unwrap(),
+                config: ConvConfig { kernel: 3, stride: 1, padding },
+            };
+            let y = conv.forward(x64.as_tensor()).unwrap();
+            let probe = Tensor::ones(y.dims(), DType::F64, &Device::Cpu).unwrap().cumsum(3).unwrap();
+            let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let reference =
+                [y, grads.get(x64.as_tensor()).unwrap().clone(), grads.get(w64.as_tensor()).unwrap().clone()];
+            for (name, (a, b)) in ["y", "dx", "dw"].iter().zip(ours.iter().zip(&reference)) {
+                let a = a.to_dtype(DType::F64).unwrap();
+                let diff = (&a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+                let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+                let error = (diff / norm).sqrt();
+                assert!(error < 1e-5, "padding {padding}, {name}: relative L2 error {error:e}");
             }
         }
     }

@@ -4,7 +4,8 @@
 //! - [`generator`], [`discriminator`]: the networks as candle modules (inference and training),
 //!   built from [`layers`] (reflection padding, upsampling), [`instance_norm`] (fused with its
 //!   activation, forward and backward) and [`conv`] (the
-//!   convolutions, with an im2col + GEMM CPU path in both directions);
+//!   convolutions, with an im2col + GEMM CPU path in both directions, and `winograd_train`'s
+//!   F(4×4, 3×3) for the 3×3 stride-1 forward and input gradient in f32);
 //! - [`fast`]: a channels-last CPU executor for the generator, inference only;
 //! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share;
 //! - [`file`](mod@file): the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
@@ -24,6 +25,7 @@ pub mod layers;
 pub mod layout;
 pub mod pickle;
 pub mod pixels;
+mod winograd_train;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

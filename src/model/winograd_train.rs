@@ -1,0 +1,469 @@
+//! The training graph's 3×3 stride-1 convolutions by Winograd F(4×4, 3×3), channels-first.
+//!
+//! [`super::conv`] computes every convolution product as im2col + GEMM; for a 3×3 stride-1
+//! kernel that is 9 multiply-adds per output pixel and channel pair, where F(4×4, 3×3) needs 36
+//! per 4×4 tile, 2.25 per pixel. This module serves two of the three products:
+//!
+//! - the forward convolution, zero padding 0 or 1 (the residual blocks pad by reflection first);
+//! - the input gradient, which for stride 1 is itself a stride-1 convolution: the output
+//!   gradient padded by `2 − pad`, correlated with each kernel rotated by 180° and the channel
+//!   roles swapped. Only the weight transform differs.
+//!
+//! Unlike the inference executor's [`crate::model::fast`] Winograd (channels-last, weights
+//! transformed once at load), this one reads and writes NCHW planes directly and transforms the
+//! weights on every call, since training changes them every step. Per block of tile rows the
+//! input transform runs in parallel over input channels, the 36 point-wise GEMMs in parallel
+//! over points, and the output transform in parallel over output channels; every output element
+//! is computed by one thread in a fixed order, so results do not depend on the thread count.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Mat, MatMut, Threads};
+
+/// Output tile side; an input tile is `TILE + 2` on a side.
+const TILE: usize = 4;
+/// Side of a transformed tile.
+const SIDE: usize = TILE + 2;
+/// Points of a transformed tile.
+const POINTS: usize = SIDE * SIDE;
+/// Budget for one block's transformed inputs and products, in floats (8 MiB): enough tiles for
+/// long GEMM rows, little enough that a block stays in the last-level cache.
+const BLOCK_FLOATS: usize = 2 << 20;
+
+/// Smallest channel count (of either side) for which Winograd beats im2col + GEMM: below it the
+/// transforms, not the products, dominate (16→16 at 64²: forward 0.94×; 32→32: 1.29×). Measured
+/// with `cargo bench --bench bench -- conv3x3` on 2 cores; see BENCHMARKS.md.
+const MIN_CHANNELS: usize = 32;
+/// Smallest output side for which it wins: on smaller planes the per-block fixed costs (36
+/// short GEMMs, three parallel passes) dominate (64→64 at 16²: forward 0.64×; at 32²: 1.08×).
+const MIN_OUTPUT_SIDE: usize = 32;
+
+/// Whether a 3×3 stride-1 product with these channels and output plane is faster by Winograd.
+pub fn worthwhile(in_channels: usize, out_channels: usize, (out_h, out_w): (usize, usize)) -> bool {
+    in_channels.min(out_channels) >= MIN_CHANNELS && out_h.min(out_w) >= MIN_OUTPUT_SIDE
+}
+
+/// The shape of one stride-1 3×3 correlation over a batch of NCHW planes.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    batch: usize,
+    in_channels: usize,
+    out_channels: usize,
+    in_h: usize,
+    in_w: usize,
+    /// Zero padding on every side.
+    pad: usize,
+    out_h: usize,
+    out_w: usize,
+    tiles_x: usize,
+    tiles_y: usize,
+}
+
+impl Plan {
+    fn new(
+        batch: usize,
+        (in_channels, out_channels): (usize, usize),
+        (in_h, in_w): (usize, usize),
+        pad: usize,
+    ) -> Self {
+        assert!(in_h + 2 * pad >= 3 && in_w + 2 * pad >= 3, "winograd: input smaller than the kernel");
+        let (out_h, out_w) = (in_h + 2 * pad - 2, in_w + 2 * pad - 2);
+        let (tiles_y, tiles_x) = (out_h.div_ceil(TILE), out_w.div_ceil(TILE));
+        Self { batch, in_channels, out_channels, in_h, in_w, pad, out_h, out_w, tiles_x, tiles_y }
+    }
+
+    /// Tile rows per block: as few blocks as [`BLOCK_FLOATS`] allows (a block holds at least
+    /// one tile row), of even sizes.
+    fn block_rows(&self) -> usize {
+        let per_row = POINTS * self.tiles_x * (self.in_channels + self.out_channels);
+        let most = (BLOCK_FLOATS / per_row).clamp(1, self.tiles_y);
+        self.tiles_y.div_ceil(self.tiles_y.div_ceil(most))
+    }
+}
+
+/// y = conv(x, w): `x` is [batch, cin, h, w], `w` PyTorch's [cout, cin, 3, 3], zero padding
+/// `pad`; returns [batch, cout, h + 2·pad − 2, w + 2·pad − 2].
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    batch: usize,
+    (cin, cout): (usize, usize),
+    (h, wd): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
+    let plan = Plan::new(batch, (cin, cout), (h, wd), pad);
+    correlate(x, &transform_weights(w, cout, cin, Orientation::Forward), &plan)
+}
+
+/// dx of `forward` for output gradient `dy` ([batch, cout, out_h, out_w]): the full correlation
+/// of `dy` (padded by `2 − pad`) with the rotated, channel-swapped kernels; returns [batch, cin,
+/// h, w] for the forward input size `(h, w)`.
+pub fn input_grad(
+    dy: &[f32],
+    w: &[f32],
+    batch: usize,
+    (cin, cout): (usize, usize),
+    (h, wd): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
+    assert!(pad <= 2, "winograd: input gradient needs padding of at most 2");
+    let plan = Plan::new(batch, (cout, cin), (h + 2 * pad - 2, wd + 2 * pad - 2), 2 - pad);
+    debug_assert_eq!((plan.out_h, plan.out_w), (h, wd));
+    correlate(dy, &transform_weights(w, cout, cin, Orientation::InputGrad), &plan)
+}
+
+/// How the kernels of a [cout, cin, 3, 3] weight map onto the correlation being computed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Orientation {
+    /// Correlation output channel o, input channel c: kernel w[o][c].
+    Forward,
+    /// Correlation output channel c, input channel o: kernel w[o][c] rotated by 180°.
+    InputGrad,
+}
+
+/// G of F(4×4, 3×3) (Lavin & Gray 2016) applied to 3-tap vectors held as three lines (one per
+/// tap, element-wise across kernels), giving the 6 transform points as six lines.
+#[inline(always)]
+fn g_lines([g0, g1, g2]: [&[f32]; 3], out: [&mut [f32]; SIDE]) {
+    let n = g0.len();
+    let (g0, g1, g2) = (&g0[..n], &g1[..n], &g2[..n]);
+    let [o0, o1, o2, o3, o4, o5] = out.map(|o| &mut o[..n]);
+    for k in 0..n {
+        let (a, b, c) = (g0[k], g1[k], g2[k]);
+        o0[k] = a / 4.0;
+        o1[k] = -(a + b + c) / 6.0;
+        o2[k] = -(a - b + c) / 6.0;
+        o3[k] = a / 24.0 + b / 12.0 + c / 6.0;
+        o4[k] = a / 24.0 - b / 12.0 + c / 6.0;
+        o5[k] = c;
+    }
+}
+
+/// Six disjoint `len`-long lines of `buf`: line indices `first`, `first + step`, …
+fn six_lines(buf: &mut [f32], len: usize, first: usize, step: usize) -> [&mut [f32]; SIDE] {
+    let mut lines = buf.chunks_exact_mut(len).skip(first).step_by(step);
+    std::array::from_fn(|_| lines.next().expect("line inside the buffer"))
+}
+
+/// U = G g Gᵀ for every kernel, laid out U[out][point][in] (a per-point GEMM operand with row
+/// stride POINTS·in), in parallel over output channels. Per output channel the kernels' taps are
+/// gathered into lines across input channels, so both passes of G run over whole lines.
+fn transform_weights(w: &[f32], cout: usize, cin: usize, orientation: Orientation) -> Transformed {
+    let (outs, ins) = match orientation {
+        Orientation::Forward => (cout, cin),
+        Orientation::InputGrad => (cin, cout),
+    };
+    assert_eq!(w.len(), cout * cin * 9, "winograd: weight shape");
+    let mut u = vec![0f32; outs * POINTS * ins];
+    u.par_chunks_mut(POINTS * ins).enumerate().for_each_init(Vec::new, |scratch, (a, row)| {
+        // taps[r][s][b], then half[s][i][b] = (G · kernel[.., s])[i].
+        scratch.resize((9 + 3 * SIDE) * ins, 0.0);
+        let (taps, half) = scratch.split_at_mut(9 * ins);
+        for b in 0..ins {
+            let kernel = match orientation {
+                Orientation::Forward => &w[(a * cin + b) * 9..][..9],
+                Orientation::InputGrad => &w[(b * cin + a) * 9..][..9],
+            };
+            for (t, &value) in kernel.iter().enumerate() {
+                // A 180° rotation reverses the 9 taps.
+                let t = if orientation == Orientation::InputGrad { 8 - t } else { t };
+                taps[t * ins + b] = value;
+            }
+        }
+        let tap = |r: usize, s: usize| &taps[(r * 3 + s) * ins..][..ins];
+        for s in 0..3 {
+            g_lines([tap(0, s), tap(1, s), tap(2, s)], six_lines(half, ins, s * SIDE, 1));
+        }
+        let half = &*half;
+        for i in 0..SIDE {
+            let column = |s: usize| &half[(s * SIDE + i) * ins..][..ins];
+            g_lines([column(0), column(1), column(2)], six_lines(row, ins, i * SIDE, 1));
+        }
+    });
+    Transformed { u, outs, ins }
+}
+
+/// Transformed weights of one correlation: `outs` × `ins` kernels.
+struct Transformed {
+    u: Vec<f32>,
+    outs: usize,
+    ins: usize,
+}
+
+/// The stride-1 3×3 correlation `plan` describes, block of tile rows by block.
+fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
+    let (cin, cout) = (plan.in_channels, plan.out_channels);
+    assert_eq!((weights.ins, weights.outs), (cin, cout), "winograd: weight channels");
+    let (in_sample, out_sample) = (cin * plan.in_h * plan.in_w, cout * plan.out_h * plan.out_w);
+    assert_eq!(x.len(), plan.batch * in_sample, "winograd: input shape");
+    let mut y = vec![0f32; plan.batch * out_sample];
+    let block_rows = plan.block_rows();
+    let max_tiles = block_rows * plan.tiles_x;
+    let mut v = vec![0f32; cin * POINTS * max_tiles];
+    let mut m = vec![0f32; POINTS * cout * max_tiles];
+    for (xs, ys) in x.chunks_exact(in_sample).zip(y.chunks_exact_mut(out_sample)) {
+        for first in (0..plan.tiles_y).step_by(block_rows) {
+            let rows = first..(first + block_rows).min(plan.tiles_y);
+            let tiles = rows.len() * plan.tiles_x;
+            let (v, m) = (&mut v[..cin * POINTS * tiles], &mut m[..POINTS * cout * tiles]);
+            // V[c][point][tile]
+            v.par_chunks_mut(POINTS * tiles)
+                .zip(xs.par_chunks_exact(plan.in_h * plan.in_w))
+                .for_each_init(Vec::new, |scratch, (v, plane)| {
+                    input_transform(plane, plan, rows.clone(), v, scratch)
+                });
+            // M[point][o][tile] = Σ_c U[o][point][c] · V[c][point][tile]
+            m.par_chunks_mut(cout * tiles).enumerate().for_each(|(p, m)| {
+                let u = Mat::new(&weights.u[p * cin..], cout, cin, POINTS * cin);
+                let vp = Mat::new(&v[p * tiles..], cin, tiles, POINTS * tiles);
+                matmul(MatMut::new(m, cout, tiles, tiles), false, u, vp, Threads::One);
+            });
+            let m = &*m;
+            ys.par_chunks_exact_mut(plan.out_h * plan.out_w)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (o, plane)| {
+                    output_transform(m, o, plan, rows.clone(), plane, scratch)
+                });
+        }
+    }
+    y
+}
+
+/// Bᵀ of F(4×4, 3×3) applied to six samples.
+#[inline(always)]
+fn bt([d0, d1, d2, d3, d4, d5]: [f32; SIDE]) -> [f32; SIDE] {
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        -4.0 * (d1 + d2) + d3 + d4,
+        4.0 * (d1 - d2) - d3 + d4,
+        2.0 * (d3 - d1) - d2 + d4,
+        2.0 * (d1 - d3) - d2 + d4,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// Aᵀ of F(4×4, 3×3): six transformed samples back to four outputs.
+#[inline(always)]
+fn at([m0, m1, m2, m3, m4, m5]: [f32; SIDE]) -> [f32; TILE] {
+    let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [m0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m5]
+}
+
+/// V = Bᵀ d B for every tile of tile rows `rows` of one input channel's plane, written to
+/// v[point][tile]. Each tile row is first copied with its zero border into six padded lines,
+/// so the column transform runs over whole lines.
+fn input_transform(plane: &[f32], plan: &Plan, rows: Range<usize>, v: &mut [f32], scratch: &mut Vec<f32>) {
+    let tiles = rows.len() * plan.tiles_x;
+    let width = TILE * plan.tiles_x + 2;
+    scratch.resize(2 * SIDE * width, 0.0);
+    let (lines, columns) = scratch.split_at_mut(SIDE * width);
+    for (r, ty) in rows.enumerate() {
+        for (k, line) in lines.chunks_exact_mut(width).enumerate() {
+            line.fill(0.0);
+            let Some(iy) = (TILE * ty + k).checked_sub(plan.pad).filter(|&iy| iy < plan.in_h) else {
+                continue;
+            };
+            let src = &plane[iy * plan.in_w..][..plan.in_w];
+            let end = (plan.pad + plan.in_w).min(width);
+            line[plan.pad..end].copy_from_slice(&src[..end - plan.pad]);
+        }
+        // Columns: columns[i][x] = Σ_k Bᵀ[i][k] lines[k][x].
+        let l: [&[f32]; SIDE] = std::array::from_fn(|k| &lines[k * width..][..width]);
+        let (c0, rest) = columns.split_at_mut(width);
+        let (c1, rest) = rest.split_at_mut(width);
+        let (c2, rest) = rest.split_at_mut(width);
+        let (c3, rest) = rest.split_at_mut(width);
+        let (c4, c5) = rest.split_at_mut(width);
+        for x in 0..width {
+            let out = bt([l[0][x], l[1][x], l[2][x], l[3][x], l[4][x], l[5][x]]);
+            (c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]) = (out[0], out[1], out[2], out[3], out[4], out[5]);
+        }
+        // Rows: V[i][j] = Σ_k columns[i][k] B[k][j], tile by tile.
+        let first_tile = r * plan.tiles_x;
+        for i in 0..SIDE {
+            let line = &columns[i * width..][..width];
+            for tx in 0..plan.tiles_x {
+                let d = &line[TILE * tx..][..SIDE];
+                let out = bt([d[0], d[1], d[2], d[3], d[4], d[5]]);
+                for (j, value) in out.into_iter().enumerate() {
+                    v[(i * SIDE + j) * tiles + first_tile + tx] = value;
+                }
+            }
+        }
+    }
+}
+
+/// Y = Aᵀ M A for every tile of tile rows `rows`, for output channel `o`, into its plane
+/// (positions past the plane's edge are dropped).
+fn output_transform(
+    m: &[f32],
+    o: usize,
+    plan: &Plan,
+    rows: Range<usize>,
+    plane: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let tiles = rows.len() * plan.tiles_x;
+    let (tx_n, cout) = (plan.tiles_x, plan.out_channels);
+    // point p of tile t lives at m[(p * cout + o) * tiles + t]
+    let point = |p: usize| &m[(p * cout + o) * tiles..][..tiles];
+    scratch.resize(TILE * SIDE * tx_n, 0.0);
+    for (r, ty) in rows.enumerate() {
+        let first_tile = r * tx_n;
+        // Columns: half[i][j][tx] = Σ_k Aᵀ[i][k] M[k][j] for the tiles of this row.
+        for j in 0..SIDE {
+            let src: [&[f32]; SIDE] = std::array::from_fn(|k| &point(k * SIDE + j)[first_tile..][..tx_n]);
+            for tx in 0..tx_n {
+                let out = at([src[0][tx], src[1][tx], src[2][tx], src[3][tx], src[4][tx], src[5][tx]]);
+                for (i, value) in out.into_iter().enumerate() {
+                    scratch[(i * SIDE + j) * tx_n + tx] = value;
+                }
+            }
+        }
+        // Rows: Y[i][s] = Σ_j half[i][j] A[j][s].
+        for i in 0..TILE {
+            let oy = TILE * ty + i;
+            if oy >= plan.out_h {
+                break;
+            }
+            let line = &mut plane[oy * plan.out_w..][..plan.out_w];
+            let half: [&[f32]; SIDE] = std::array::from_fn(|j| &scratch[(i * SIDE + j) * tx_n..][..tx_n]);
+            // One chunk per tile column; the last is cut at the plane's edge.
+            for (tx, dst) in line.chunks_mut(TILE).enumerate() {
+                let out = at([half[0][tx], half[1][tx], half[2][tx], half[3][tx], half[4][tx], half[5][tx]]);
+                dst.copy_from_slice(&out[..dst.len()]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::conv::{conv3x3_f32, Conv3x3Kernel};
+
+    /// Relative L2 error the F(4×4, 3×3) transforms add in f32 (their ±8 and 1/24 factors cost a
+    /// few bits over direct summation; measured errors sit around 1e-6).
+    const TOLERANCE: f64 = 1e-5;
+
+    /// Deterministic values in [-1, 1), so failures reproduce.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn relative_l2(ours: &[f32], reference: &[f32]) -> f64 {
+        assert_eq!(ours.len(), reference.len(), "result lengths");
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (&a, &b) in ours.iter().zip(reference) {
+            diff += (a as f64 - b as f64).powi(2);
+            norm += (b as f64).powi(2);
+        }
+        (diff / norm).sqrt()
+    }
+
+    /// Both Winograd products against im2col + GEMM on awkward shapes: sides that are not
+    /// multiples of 4, planes smaller than one tile, channel counts not multiples of 16,
+    /// batches of two, padding 0 and 1.
+    #[test]
+    fn forward_and_input_gradient_match_im2col() {
+        for (i, &(batch, cin, cout, h, w, pad)) in [
+            (2, 3, 5, 9, 7, 1),
+            (2, 17, 6, 3, 5, 0),
+            (1, 5, 33, 3, 5, 1),
+            (2, 20, 12, 11, 13, 0),
+            (2, 12, 20, 13, 10, 1),
+            (1, 48, 40, 18, 19, 1),
+            (2, 7, 9, 6, 6, 0),
+            (1, 4, 3, 1, 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (out_h, out_w) = (h + 2 * pad - 2, w + 2 * pad - 2);
+            let weight = values(cout * cin * 9, 3 * i as u64);
+            let x = values(batch * cin * h * w, 3 * i as u64 + 1);
+            let dy = values(batch * cout * out_h * out_w, 3 * i as u64 + 2);
+            for (input_grad, a) in [(false, &x), (true, &dy)] {
+                let run = |kernel| {
+                    conv3x3_f32(kernel, input_grad, a, &weight, batch, (cin, cout), (h, w), pad).unwrap()
+                };
+                let (ours, reference) = (run(Conv3x3Kernel::Winograd), run(Conv3x3Kernel::Im2colGemm));
+                let error = relative_l2(&ours, &reference);
+                let case = (batch, cin, cout, h, w, pad, input_grad);
+                assert!(error < TOLERANCE, "{case:?}: relative L2 error {error:e}");
+            }
+        }
+    }
+
+    /// The weight transform against G g Gᵀ written out with the matrix G, for both orientations.
+    #[test]
+    fn weight_transform_is_g_kernel_g_transposed() {
+        const G: [[f64; 3]; 6] = [
+            [1.0 / 4.0, 0.0, 0.0],
+            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+            [0.0, 0.0, 1.0],
+        ];
+        let (cout, cin) = (3, 2);
+        let w = values(cout * cin * 9, 7);
+        for orientation in [Orientation::Forward, Orientation::InputGrad] {
+            let t = transform_weights(&w, cout, cin, orientation);
+            for a in 0..t.outs {
+                for b in 0..t.ins {
+                    let kernel = |r: usize, s: usize| match orientation {
+                        Orientation::Forward => w[(a * cin + b) * 9 + r * 3 + s],
+                        Orientation::InputGrad => w[(b * cin + a) * 9 + (2 - r) * 3 + (2 - s)],
+                    };
+                    for (i, j) in (0..SIDE).flat_map(|i| (0..SIDE).map(move |j| (i, j))) {
+                        let expected: f64 = (0..3)
+                            .flat_map(|r| (0..3).map(move |s| (r, s)))
+                            .map(|(r, s)| G[i][r] * kernel(r, s) as f64 * G[j][s])
+                            .sum();
+                        let got = t.u[(a * POINTS + i * SIDE + j) * t.ins + b] as f64;
+                        assert!((got - expected).abs() < 1e-6, "U[{a}][{i},{j}][{b}]: {got} vs {expected}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bit-exact resume of `cycletrain` needs results that do not depend on the thread count.
+    #[test]
+    fn results_are_bit_identical_across_thread_counts() {
+        let (batch, cin, cout, h, w, pad) = (2, 40, 36, 17, 22, 1);
+        let weight = values(cout * cin * 9, 11);
+        let x = values(batch * cin * h * w, 12);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let y = forward(&x, &weight, batch, (cin, cout), (h, w), pad);
+                let dx = input_grad(&y, &weight, batch, (cin, cout), (h, w), pad);
+                (y, dx)
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3, 5] {
+            assert!(run(threads) == one, "{threads} threads differ from one");
+        }
+    }
+
+    #[test]
+    fn worthwhile_only_for_wide_layers_on_real_planes() {
+        assert!(worthwhile(256, 256, (32, 32)));
+        assert!(!worthwhile(3, 256, (32, 32)));
+        assert!(!worthwhile(256, 256, (3, 5)));
+        assert!(!worthwhile(64, 64, (16, 16)));
+    }
+}
