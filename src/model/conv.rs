@@ -16,6 +16,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Scalar, Threads};
+use super::storage::contiguous_slice;
 use super::winograd_train;
 
 /// Upper bound on one im2col tile, in elements (16 MiB of f32).
@@ -290,13 +291,6 @@ pub fn conv3x3_f32(
         (Conv3x3Kernel::Im2colGemm, false) => conv_forward(a, w, batch, channels.1, &geometry),
         (Conv3x3Kernel::Im2colGemm, true) => conv_transpose(a, w, batch, channels.1, &geometry),
     })
-}
-
-fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(s)?[start..end]),
-        None => candle_core::bail!("conv: arguments must be contiguous"),
-    }
 }
 
 impl CustomOp2 for ConvOp {

@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Resul
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::storage::contiguous_slice;
+
 /// PyTorch's `InstanceNorm2d` epsilon.
 pub const NORM_EPS: f64 = 1e-5;
 
@@ -169,13 +171,6 @@ fn backward<T: Float>(x: &[T], dy: &[T], plane: usize, activation: Activation) -
     dx
 }
 
-fn contiguous<'a, T: Float>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("instance norm: the input must be contiguous"),
-    }
-}
-
 /// H·W of an NCHW layout.
 fn plane_len(layout: &Layout) -> Result<usize> {
     let (_, _, h, w) = layout.shape().dims4()?;
@@ -200,10 +195,10 @@ impl CustomOp1 for NormOp {
         let plane = plane_len(layout)?;
         let out = match storage {
             CpuStorage::F32(_) => {
-                CpuStorage::F32(forward(contiguous::<f32>(storage, layout)?, plane, self.activation))
+                CpuStorage::F32(forward(contiguous_slice::<f32>(storage, layout)?, plane, self.activation))
             }
             CpuStorage::F64(_) => {
-                CpuStorage::F64(forward(contiguous::<f64>(storage, layout)?, plane, self.activation))
+                CpuStorage::F64(forward(contiguous_slice::<f64>(storage, layout)?, plane, self.activation))
             }
             _ => candle_core::bail!("instance norm: f32 or f64 expected"),
         };
@@ -239,14 +234,14 @@ impl CustomOp2 for NormGrad {
         let plane = plane_len(l1)?;
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
-                contiguous::<f32>(s1, l1)?,
-                contiguous(s2, l2)?,
+                contiguous_slice::<f32>(s1, l1)?,
+                contiguous_slice(s2, l2)?,
                 plane,
                 self.activation,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
-                contiguous::<f64>(s1, l1)?,
-                contiguous(s2, l2)?,
+                contiguous_slice::<f64>(s1, l1)?,
+                contiguous_slice(s2, l2)?,
                 plane,
                 self.activation,
             )),

@@ -5,6 +5,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::storage::contiguous_slice;
+
 /// Source index of each output position when reflecting `before`/`after` extra entries around a
 /// dimension of length `len`, as PyTorch's `ReflectionPad` does (the edge itself is not
 /// repeated). Padding wider than the dimension keeps reflecting back and forth, which PyTorch
@@ -121,13 +123,6 @@ impl Gather {
     }
 }
 
-fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&T::cpu_storage_as_slice(storage)?[start..end]),
-        None => candle_core::bail!("gather: the input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Gather {
     fn name(&self) -> &'static str {
         "plane-gather"
@@ -136,8 +131,8 @@ impl CustomOp1 for Gather {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, _, _) = layout.shape().dims4()?;
         let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(self.gather(contiguous::<f32>(storage, layout)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(self.gather(contiguous::<f64>(storage, layout)?)),
+            CpuStorage::F32(_) => CpuStorage::F32(self.gather(contiguous_slice::<f32>(storage, layout)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(self.gather(contiguous_slice::<f64>(storage, layout)?)),
             _ => candle_core::bail!("gather: f32 or f64 expected"),
         };
         Ok((out, Shape::from((n, c, self.rows.len(), self.cols.len()))))
@@ -161,8 +156,12 @@ impl CustomOp1 for ScatterAdd {
         let (n, c, _, _) = layout.shape().dims4()?;
         let gather = &self.0;
         let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(gather.scatter_add(contiguous::<f32>(storage, layout)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(gather.scatter_add(contiguous::<f64>(storage, layout)?)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(gather.scatter_add(contiguous_slice::<f32>(storage, layout)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(gather.scatter_add(contiguous_slice::<f64>(storage, layout)?))
+            }
             _ => candle_core::bail!("scatter-add: f32 or f64 expected"),
         };
         Ok((out, Shape::from((n, c, gather.in_h, gather.in_w))))

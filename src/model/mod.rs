@@ -25,6 +25,7 @@ pub mod layers;
 pub mod layout;
 pub mod pickle;
 pub mod pixels;
+mod storage;
 mod winograd_train;
 
 use std::collections::BTreeMap;

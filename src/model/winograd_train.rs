@@ -405,17 +405,11 @@ mod tests {
         }
     }
 
-    /// The weight transform against G g Gᵀ written out with the matrix G, for both orientations.
+    /// The weight transform against G g Gᵀ computed with the inference executor's G, for both
+    /// orientations.
     #[test]
     fn weight_transform_is_g_kernel_g_transposed() {
-        const G: [[f64; 3]; 6] = [
-            [1.0 / 4.0, 0.0, 0.0],
-            [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-            [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-            [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-            [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-            [0.0, 0.0, 1.0],
-        ];
+        use crate::model::fast::winograd::G;
         let (cout, cin) = (3, 2);
         let w = values(cout * cin * 9, 7);
         for orientation in [Orientation::Forward, Orientation::InputGrad] {

@@ -17,7 +17,7 @@
 mod gemm_conv;
 pub mod memory;
 mod nhwc;
-mod winograd;
+pub(crate) mod winograd;
 
 use std::collections::HashMap;
 

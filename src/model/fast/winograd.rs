@@ -15,7 +15,7 @@ const POINTS: usize = 36;
 const TILES_PER_BLOCK: usize = 64;
 
 /// G of F(4×4, 3×3): spreads a 3-tap kernel row over the 6 transform points.
-const G: [[f64; 3]; 6] = [
+pub(crate) const G: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
