@@ -77,6 +77,24 @@ impl Geometry {
         (o * self.stride + k).checked_sub(self.pad).filter(|&i| i < len)
     }
 
+    /// The convolution that carries this one's output space back onto its input space: same
+    /// kernel, flipped and with in and out channels swapped (see [`flip_transpose`]), zero padding
+    /// `kernel − 1 − pad`. Its three products are this one's in another order, over an im2col
+    /// matrix of `out_channels`·k² rows instead of `channels`·k²; that is what makes a layer with
+    /// few outputs (the generator's last 64 → 3 7×7) cheap. Stride 1 only.
+    fn dual(&self, out_channels: usize) -> Option<Self> {
+        (self.stride == 1 && self.pad < self.kernel).then_some(Self {
+            channels: out_channels,
+            in_h: self.out_h,
+            in_w: self.out_w,
+            kernel: self.kernel,
+            stride: 1,
+            pad: self.kernel - 1 - self.pad,
+            out_h: self.in_h,
+            out_w: self.in_w,
+        })
+    }
+
     /// The output columns whose tap `kx` lands inside the input row, as a range.
     fn valid_columns(&self, kx: usize) -> Range<usize> {
         let first = self.pad.saturating_sub(kx).div_ceil(self.stride);
@@ -136,6 +154,20 @@ fn col2im_add<T: WithDType>(col: &[T], g: &Geometry, rows: Range<usize>, x: &mut
             }
         }
     });
+}
+
+/// `[o, c, k, k]` weights as `[c, o, k, k]` with each kernel turned by 180°: the weights of the
+/// [`Geometry::dual`] convolution. Applied twice (with `o` and `c` swapped) it is the identity.
+fn flip_transpose<T: Copy>(w: &[T], o: usize, c: usize, k: usize) -> Vec<T> {
+    let taps = k * k;
+    let mut flipped = Vec::with_capacity(w.len());
+    for ci in 0..c {
+        for oi in 0..o {
+            let kernel = &w[(oi * c + ci) * taps..][..taps];
+            flipped.extend(kernel.iter().rev());
+        }
+    }
+    flipped
 }
 
 /// y[n, O, oh, ow] = w[O, C·k·k] · im2col(x[n]).
@@ -221,17 +253,26 @@ struct ConvOp {
 }
 
 impl ConvOp {
+    /// The product by im2col + GEMM, through the [`Geometry::dual`] convolution when its im2col
+    /// matrix is at most half as tall.
     fn run<T: Scalar>(&self, a: &[T], b: &[T]) -> (Vec<T>, Shape) {
         let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
-        match self.product {
-            Product::Forward => (conv_forward(a, b, n, o, g), Shape::from((n, o, g.out_h, g.out_w))),
-            Product::Transpose => {
-                (conv_transpose(a, b, n, o, g), Shape::from((n, g.channels, g.in_h, g.in_w)))
-            }
-            Product::WeightGrad => {
-                (conv_weight_grad(a, b, n, o, g), Shape::from((o, g.channels, g.kernel, g.kernel)))
-            }
-        }
+        let (c, k) = (g.channels, g.kernel);
+        let dual = g.dual(o).filter(|_| 2 * o <= c);
+        let out = match (self.product, dual) {
+            (Product::Forward, None) => conv_forward(a, b, n, o, g),
+            (Product::Forward, Some(d)) => conv_transpose(a, &flip_transpose(b, o, c, k), n, c, &d),
+            (Product::Transpose, None) => conv_transpose(a, b, n, o, g),
+            (Product::Transpose, Some(d)) => conv_forward(a, &flip_transpose(b, o, c, k), n, c, &d),
+            (Product::WeightGrad, None) => conv_weight_grad(a, b, n, o, g),
+            (Product::WeightGrad, Some(d)) => flip_transpose(&conv_weight_grad(b, a, n, c, &d), c, o, k),
+        };
+        let shape = match self.product {
+            Product::Forward => Shape::from((n, o, g.out_h, g.out_w)),
+            Product::Transpose => Shape::from((n, c, g.in_h, g.in_w)),
+            Product::WeightGrad => Shape::from((o, c, k, k)),
+        };
+        (out, shape)
     }
 }
 
@@ -561,6 +602,10 @@ mod tests {
             (1, 4, 6, 10, 12, 3, 2, 1),
             (3, 2, 3, 12, 9, 7, 1, 0),
             (2, 5, 1, 8, 8, 4, 2, 1),
+            // Few outputs: through the dual convolution, with odd and even kernels.
+            (2, 9, 3, 11, 13, 7, 1, 0),
+            (1, 8, 2, 7, 10, 3, 1, 1),
+            (2, 6, 1, 5, 6, 4, 1, 2),
         ] {
             let x = Var::from_tensor(&randn(&[n, c, h, w])).unwrap();
             let weight = Var::from_tensor(&randn(&[o, c, k, k])).unwrap();
