@@ -16,6 +16,7 @@ use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Scalar, Threads};
+use super::scratch::Scratch;
 use super::storage::contiguous_slice;
 use super::winograd_train;
 
@@ -173,7 +174,7 @@ fn flip_transpose<T: Copy>(w: &[T], o: usize, c: usize, k: usize) -> Vec<T> {
 /// y[n, O, oh, ow] = w[O, C·k·k] · im2col(x[n]).
 fn conv_forward<T: Scalar>(x: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut y = vec![T::zero(); batch * out_channels * g.out_plane()];
-    let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
+    let mut col = Scratch::<T>::new(g.col_rows() * g.tile_rows() * g.out_w);
     let weight = Mat::new(w, out_channels, g.col_rows(), g.col_rows());
     for (xs, ys) in x.chunks(g.channels * g.in_plane()).zip(y.chunks_mut(out_channels * g.out_plane())) {
         for rows in g.tiles() {
@@ -191,7 +192,7 @@ fn conv_forward<T: Scalar>(x: &[T], w: &[T], batch: usize, out_channels: usize, 
 /// convolution's input gradient and a transposed convolution's forward pass.
 fn conv_transpose<T: Scalar>(y: &[T], w: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut x = vec![T::zero(); batch * g.channels * g.in_plane()];
-    let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
+    let mut col = Scratch::<T>::new(g.col_rows() * g.tile_rows() * g.out_w);
     let weight_t = Mat::new(w, out_channels, g.col_rows(), g.col_rows()).t();
     for (ys, xs) in y.chunks(out_channels * g.out_plane()).zip(x.chunks_mut(g.channels * g.in_plane())) {
         for rows in g.tiles() {
@@ -208,7 +209,7 @@ fn conv_transpose<T: Scalar>(y: &[T], w: &[T], batch: usize, out_channels: usize
 /// dw[O, C·k·k] = Σₙ y[n] · im2col(x[n])ᵀ, for output-space `y` and input-space `x`.
 fn conv_weight_grad<T: Scalar>(x: &[T], y: &[T], batch: usize, out_channels: usize, g: &Geometry) -> Vec<T> {
     let mut dw = vec![T::zero(); out_channels * g.col_rows()];
-    let mut col = vec![T::zero(); g.col_rows() * g.tile_rows() * g.out_w];
+    let mut col = Scratch::<T>::new(g.col_rows() * g.tile_rows() * g.out_w);
     let mut first = true;
     for (xs, ys) in
         x.chunks(g.channels * g.in_plane()).zip(y.chunks(out_channels * g.out_plane())).take(batch)

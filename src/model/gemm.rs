@@ -41,9 +41,12 @@
 
 use candle_core::WithDType;
 
+use super::scratch::Pooled;
+
 /// The element types the `gemm` crate multiplies natively (it panics on others). Sealed: the
-/// products here are only ever instantiated for these.
-pub trait Scalar: WithDType + sealed::Sealed {}
+/// products here are only ever instantiated for these. The kernels built on them also take
+/// their work areas from [`Pooled`] buffers.
+pub trait Scalar: WithDType + Pooled + sealed::Sealed {}
 
 impl Scalar for f32 {}
 impl Scalar for f64 {}

@@ -7,7 +7,8 @@
 //!   convolutions, with an im2col + GEMM CPU path in both directions, and `winograd_train`'s
 //!   F(4×4, 3×3) for the 3×3 stride-1 forward and input gradient in f32);
 //! - [`fast`]: a channels-last CPU executor for the generator, inference only;
-//! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share;
+//! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share; [`scratch`]: the work
+//!   buffers the training kernels reuse between calls;
 //! - [`file`](mod@file): the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
 //! - here: [`Model`], a loaded file with a ready generator per direction, and [`ModelError`].
 
@@ -25,6 +26,7 @@ pub mod layers;
 pub mod layout;
 pub mod pickle;
 pub mod pixels;
+pub mod scratch;
 mod storage;
 mod winograd_train;
 

@@ -21,6 +21,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Mat, MatMut, Threads};
+use super::scratch::Scratch;
 
 /// Output tile side; an input tile is `TILE + 2` on a side.
 const TILE: usize = 4;
@@ -130,13 +131,19 @@ fn g_lines([g0, g1, g2]: [&[f32]; 3], out: [&mut [f32]; SIDE]) {
     let n = g0.len();
     let (g0, g1, g2) = (&g0[..n], &g1[..n], &g2[..n]);
     let [o0, o1, o2, o3, o4, o5] = out.map(|o| &mut o[..n]);
+    // Products with the reciprocals, not divisions: a division costs several times a product,
+    // and this runs over every weight on every call.
+    const SIXTH: f32 = 1.0 / 6.0;
+    const TWELFTH: f32 = 1.0 / 12.0;
+    const TWENTY_FOURTH: f32 = 1.0 / 24.0;
     for k in 0..n {
         let (a, b, c) = (g0[k], g1[k], g2[k]);
-        o0[k] = a / 4.0;
-        o1[k] = -(a + b + c) / 6.0;
-        o2[k] = -(a - b + c) / 6.0;
-        o3[k] = a / 24.0 + b / 12.0 + c / 6.0;
-        o4[k] = a / 24.0 - b / 12.0 + c / 6.0;
+        let (outer, middle) = (a * TWENTY_FOURTH + c * SIXTH, b * TWELFTH);
+        o0[k] = a * 0.25;
+        o1[k] = -(a + b + c) * SIXTH;
+        o2[k] = -(a - b + c) * SIXTH;
+        o3[k] = outer + middle;
+        o4[k] = outer - middle;
         o5[k] = c;
     }
 }
@@ -156,7 +163,7 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize, orientation: Orientatio
         Orientation::InputGrad => (cin, cout),
     };
     assert_eq!(w.len(), cout * cin * 9, "winograd: weight shape");
-    let mut u = vec![0f32; outs * POINTS * ins];
+    let mut u = Scratch::new(outs * POINTS * ins);
     u.par_chunks_mut(POINTS * ins).enumerate().for_each_init(Vec::new, |scratch, (a, row)| {
         // taps[r][s][b], then half[s][i][b] = (G · kernel[.., s])[i].
         scratch.resize((9 + 3 * SIDE) * ins, 0.0);
@@ -187,7 +194,7 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize, orientation: Orientatio
 
 /// Transformed weights of one correlation: `outs` × `ins` kernels.
 struct Transformed {
-    u: Vec<f32>,
+    u: Scratch<f32>,
     outs: usize,
     ins: usize,
 }
@@ -201,8 +208,8 @@ fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
     let mut y = vec![0f32; plan.batch * out_sample];
     let block_rows = plan.block_rows();
     let max_tiles = block_rows * plan.tiles_x;
-    let mut v = vec![0f32; cin * POINTS * max_tiles];
-    let mut m = vec![0f32; POINTS * cout * max_tiles];
+    let mut v = Scratch::new(cin * POINTS * max_tiles);
+    let mut m = Scratch::new(POINTS * cout * max_tiles);
     for (xs, ys) in x.chunks_exact(in_sample).zip(y.chunks_exact_mut(out_sample)) {
         for first in (0..plan.tiles_y).step_by(block_rows) {
             let rows = first..(first + block_rows).min(plan.tiles_y);
