@@ -7,8 +7,9 @@
 //! - `train`: cycletrain s/iteration (median) of the default architecture at 128² and 256²;
 //!   from given weights and images with `--weights`/`--inputs`, and as JSON with every step's
 //!   losses and the peak RSS with `--json` (used by `benches/train_compare.py`).
-//! - `conv3x3`: ms per f32 3×3 stride-1 forward and input gradient, im2col + GEMM against
-//!   Winograd, for the shapes the training dispatch chooses between.
+//! - `conv3x3`: ms per f32 3×3 stride-1 forward, input gradient and weight gradient, im2col +
+//!   GEMM (as the layers run it) against Winograd, for the shapes the training dispatch chooses
+//!   between.
 //!
 //! Every number is measured in the same run as the numbers it is compared with.
 
@@ -24,7 +25,7 @@ use cycleserve::engine::catalog::load_model;
 use cycleserve::engine::codec::OutputFormat;
 use cycleserve::engine::observer::NoopObserver;
 use cycleserve::engine::{Engine, EngineConfig};
-use cycleserve::model::conv::{conv3x3_f32, Conv3x3Kernel};
+use cycleserve::model::conv::{conv3x3_f32, Conv3x3Kernel, Conv3x3Product};
 use cycleserve::model::{Direction, Family, GeneratorConfig, Model};
 use cycleserve::train::optim::AdamConfig;
 use cycleserve::train::{TrainConfig, Trainer};
@@ -397,10 +398,14 @@ fn conv3x3(shapes: &[String], rounds: usize) -> anyhow::Result<()> {
         let weight = random(cout * cin * 9)?;
         let x = random(cin * side * side)?;
         let dy = random(cout * out_side * out_side)?;
-        for (input_grad, a, name) in [(false, &x, "forward"), (true, &dy, "input grad")] {
+        for (product, a, b, name) in [
+            (Conv3x3Product::Forward, &x, &weight, "forward"),
+            (Conv3x3Product::InputGrad, &dy, &weight, "input grad"),
+            (Conv3x3Product::WeightGrad, &x, &dy, "weight grad"),
+        ] {
             let time = |kernel| {
                 best_of(rounds, || {
-                    conv3x3_f32(kernel, input_grad, a, &weight, 1, (cin, cout), (side, side), pad)?;
+                    conv3x3_f32(kernel, product, a, b, 1, (cin, cout), (side, side), pad)?;
                     Ok(())
                 })
             };

@@ -268,36 +268,46 @@ impl ConvOp {
             (Product::WeightGrad, None) => conv_weight_grad(a, b, n, o, g),
             (Product::WeightGrad, Some(d)) => flip_transpose(&conv_weight_grad(b, a, n, c, &d), c, o, k),
         };
-        let shape = match self.product {
-            Product::Forward => Shape::from((n, o, g.out_h, g.out_w)),
-            Product::Transpose => Shape::from((n, c, g.in_h, g.in_w)),
-            Product::WeightGrad => Shape::from((o, c, k, k)),
-        };
-        (out, shape)
+        (out, self.shape())
     }
-}
 
-impl ConvOp {
-    /// The f32 products: a 3×3 stride-1 forward or input gradient by Winograd where
-    /// [`winograd_train::worthwhile`] says it is faster, everything else by im2col + GEMM. (f64,
-    /// which the gradient checks use, always takes im2col.)
+    /// The f32 products: a 3×3 stride-1 convolution's three products by Winograd where
+    /// [`winograd_train::worthwhile`] says it is faster (ahead of the dual convolution, which
+    /// only shortens im2col), everything else by im2col + GEMM. (f64, which the gradient checks
+    /// use, always takes im2col.)
     fn run_f32(&self, a: &[f32], b: &[f32]) -> (Vec<f32>, Shape) {
-        let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
+        let g = &self.geometry;
         let winograd = g.kernel == 3
             && g.stride == 1
             && g.pad <= 1
-            && winograd_train::worthwhile(g.channels, o, (g.out_h, g.out_w));
-        let (channels, input) = ((g.channels, o), (g.in_h, g.in_w));
+            && winograd_train::worthwhile(g.channels, self.out_channels, (g.out_h, g.out_w));
+        if winograd {
+            self.run_winograd(a, b)
+        } else {
+            self.run::<f32>(a, b)
+        }
+    }
+
+    /// The product by Winograd F(4×4, 3×3); the geometry must be a 3×3 stride-1 convolution.
+    fn run_winograd(&self, a: &[f32], b: &[f32]) -> (Vec<f32>, Shape) {
+        let (g, n) = (&self.geometry, self.batch);
+        debug_assert!(g.kernel == 3 && g.stride == 1, "winograd: 3×3 stride-1 only");
+        let (channels, input) = ((g.channels, self.out_channels), (g.in_h, g.in_w));
+        let out = match self.product {
+            Product::Forward => winograd_train::forward(a, b, n, channels, input, g.pad),
+            Product::Transpose => winograd_train::input_grad(a, b, n, channels, input, g.pad),
+            Product::WeightGrad => winograd_train::weight_grad(a, b, n, channels, input, g.pad),
+        };
+        (out, self.shape())
+    }
+
+    /// The shape of the product's result.
+    fn shape(&self) -> Shape {
+        let (g, n, o) = (&self.geometry, self.batch, self.out_channels);
         match self.product {
-            Product::Forward if winograd => (
-                winograd_train::forward(a, b, n, channels, input, g.pad),
-                Shape::from((n, o, g.out_h, g.out_w)),
-            ),
-            Product::Transpose if winograd => (
-                winograd_train::input_grad(a, b, n, channels, input, g.pad),
-                Shape::from((n, g.channels, g.in_h, g.in_w)),
-            ),
-            _ => self.run::<f32>(a, b),
+            Product::Forward => Shape::from((n, o, g.out_h, g.out_w)),
+            Product::Transpose => Shape::from((n, g.channels, g.in_h, g.in_w)),
+            Product::WeightGrad => Shape::from((o, g.channels, g.kernel, g.kernel)),
         }
     }
 }
@@ -306,20 +316,33 @@ impl ConvOp {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Conv3x3Kernel {
+    /// im2col + GEMM as the layers run it (through the dual convolution where that is shorter).
     Im2colGemm,
     Winograd,
 }
 
-/// One f32 3×3 stride-1 product (`input_grad`: dx from dy, else y from x) of `channels` =
-/// (in, out) over NCHW `a` with [out, in, 3, 3] weights `w`, forward input plane `input` and
-/// zero padding `pad`, through a chosen kernel: what the benchmark and the tests compare.
+/// Which product [`conv3x3_f32`] computes, and from what.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conv3x3Product {
+    /// (x, w) → y.
+    Forward,
+    /// (dy, w) → dx.
+    InputGrad,
+    /// (x, dy) → dw.
+    WeightGrad,
+}
+
+/// One f32 3×3 stride-1 product of `channels` = (in, out) from NCHW operands `a`, `b` (see
+/// [`Conv3x3Product`]; weights are [out, in, 3, 3]), forward input plane `input` and zero
+/// padding `pad`, through a chosen kernel: what the benchmark and the tests compare.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3_f32(
     kernel: Conv3x3Kernel,
-    input_grad: bool,
+    product: Conv3x3Product,
     a: &[f32],
-    w: &[f32],
+    b: &[f32],
     batch: usize,
     channels: (usize, usize),
     input: (usize, usize),
@@ -327,11 +350,15 @@ pub fn conv3x3_f32(
 ) -> Result<Vec<f32>> {
     let config = ConvConfig { kernel: 3, stride: 1, padding: pad };
     let geometry = Geometry::forward(channels.0, input, config)?;
-    Ok(match (kernel, input_grad) {
-        (Conv3x3Kernel::Winograd, false) => winograd_train::forward(a, w, batch, channels, input, pad),
-        (Conv3x3Kernel::Winograd, true) => winograd_train::input_grad(a, w, batch, channels, input, pad),
-        (Conv3x3Kernel::Im2colGemm, false) => conv_forward(a, w, batch, channels.1, &geometry),
-        (Conv3x3Kernel::Im2colGemm, true) => conv_transpose(a, w, batch, channels.1, &geometry),
+    let product = match product {
+        Conv3x3Product::Forward => Product::Forward,
+        Conv3x3Product::InputGrad => Product::Transpose,
+        Conv3x3Product::WeightGrad => Product::WeightGrad,
+    };
+    let op = ConvOp { product, geometry, batch, out_channels: channels.1 };
+    Ok(match kernel {
+        Conv3x3Kernel::Winograd => op.run_winograd(a, b).0,
+        Conv3x3Kernel::Im2colGemm => op.run::<f32>(a, b).0,
     })
 }
 
@@ -628,49 +655,51 @@ mod tests {
         }
     }
 
-    /// A layer wide enough for the Winograd route, in f32 forward and backward, against the same
-    /// layer in f64 (which always takes im2col): the dispatch wires x, dy, w and the padding through
-    /// correctly.
+    /// Layers wide enough for the Winograd route, in f32 forward and backward, against the same
+    /// layers in f64 (which always take im2col): the dispatch wires x, dy, w and the padding
+    /// through correctly. All three f32 products must be Winograd's to the bit, also for a layer
+    /// with few outputs (64 → 32), which would otherwise take the dual convolution.
     #[test]
     fn winograd_routed_layer_matches_f64_forward_and_backward() {
-        for padding in [0, 1] {
-            let (c, o, h, w) = (32, 40, 35, 34);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for ((c, o), padding) in [(32, 40), (64, 32)].into_iter().flat_map(|co| [(co, 0), (co, 1)]) {
+            let (n, h, w) = (2, 35, 34);
             assert!(winograd_train::worthwhile(c, o, (h + 2 * padding - 2, w + 2 * padding - 2)));
-            let run = |dtype: DType| {
-                let x = Var::from_tensor(&randn(&[2, c, h, w]).to_dtype(dtype).unwrap()).unwrap();
-                let weight = Var::from_tensor(&randn(&[o, c, 3, 3]).to_dtype(dtype).unwrap()).unwrap();
-                let conv = Conv2d {
-                    weight: weight.as_tensor().clone(),
-                    bias: Tensor::zeros(o, dtype, &Device::Cpu).unwrap(),
-                    config: ConvConfig { kernel: 3, stride: 1, padding },
-                };
-                let y = conv.forward(x.as_tensor()).unwrap();
-                let probe = Tensor::ones(y.dims(), dtype, &Device::Cpu).unwrap().cumsum(3).unwrap();
+            let conv = |weight: &Var, dtype| Conv2d {
+                weight: weight.as_tensor().clone(),
+                bias: Tensor::zeros(o, dtype, &Device::Cpu).unwrap(),
+                config: ConvConfig { kernel: 3, stride: 1, padding },
+            };
+            let run = |x: &Var, weight: &Var| {
+                let y = conv(weight, x.dtype()).forward(x.as_tensor()).unwrap();
+                let probe = Tensor::ones(y.dims(), x.dtype(), &Device::Cpu).unwrap().cumsum(3).unwrap();
                 let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
                 let dx = grads.get(x.as_tensor()).unwrap().clone();
                 let dw = grads.get(weight.as_tensor()).unwrap().clone();
-                (x, weight, [y, dx, dw])
+                (probe, [y, dx, dw])
             };
-            let (x, weight, ours) = run(DType::F32);
+            let x = Var::from_tensor(&randn(&[n, c, h, w])).unwrap();
+            let weight = Var::from_tensor(&randn(&[o, c, 3, 3])).unwrap();
+            let (probe, ours) = run(&x, &weight);
+            let (xs, ws, dys) = (flat(x.as_tensor()), flat(weight.as_tensor()), flat(&probe));
+            let winograd = [
+                winograd_train::forward(&xs, &ws, n, (c, o), (h, w), padding),
+                winograd_train::input_grad(&dys, &ws, n, (c, o), (h, w), padding),
+                winograd_train::weight_grad(&xs, &dys, n, (c, o), (h, w), padding),
+            ];
             // Same values in f64: rebuild from the f32 draws.
-            let x64 = Var::from_tensor(&x.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-            let w64 = Var::from_tensor(&weight.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
-            let conv = Conv2d {
-                weight: w64.as_tensor().clone(),
-                bias: Tensor::zeros(o, DType::F64, &Device::Cpu).unwrap(),
-                config: ConvConfig { kernel: 3, stride: 1, padding },
-            };
-            let y = conv.forward(x64.as_tensor()).unwrap();
-            let probe = Tensor::ones(y.dims(), DType::F64, &Device::Cpu).unwrap().cumsum(3).unwrap();
-            let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let reference =
-                [y, grads.get(x64.as_tensor()).unwrap().clone(), grads.get(w64.as_tensor()).unwrap().clone()];
-            for (name, (a, b)) in ["y", "dx", "dw"].iter().zip(ours.iter().zip(&reference)) {
+            let to_f64 = |v: &Var| Var::from_tensor(&v.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+            let (_, reference) = run(&to_f64(&x), &to_f64(&weight));
+            for (name, ((a, b), direct)) in
+                ["y", "dx", "dw"].iter().zip(ours.iter().zip(&reference).zip(&winograd))
+            {
+                let case = (c, o, padding, name);
+                assert!(flat(a) == *direct, "{case:?}: not Winograd's result");
                 let a = a.to_dtype(DType::F64).unwrap();
                 let diff = (&a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
                 let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
                 let error = (diff / norm).sqrt();
-                assert!(error < 1e-5, "padding {padding}, {name}: relative L2 error {error:e}");
+                assert!(error < 1e-5, "{case:?}: relative L2 error {error:e}");
             }
         }
     }

@@ -5,7 +5,7 @@
 //!   built from [`layers`] (reflection padding, upsampling), [`instance_norm`] (fused with its
 //!   activation, forward and backward) and [`conv`] (the
 //!   convolutions, with an im2col + GEMM CPU path in both directions, and `winograd_train`'s
-//!   F(4×4, 3×3) for the 3×3 stride-1 forward and input gradient in f32);
+//!   F(4×4, 3×3) for the 3×3 stride-1 forward, input gradient and weight gradient in f32);
 //! - [`fast`]: a channels-last CPU executor for the generator, inference only;
 //! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share; [`scratch`]: the work
 //!   buffers the training kernels reuse between calls;

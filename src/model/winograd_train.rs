@@ -2,19 +2,25 @@
 //!
 //! [`super::conv`] computes every convolution product as im2col + GEMM; for a 3×3 stride-1
 //! kernel that is 9 multiply-adds per output pixel and channel pair, where F(4×4, 3×3) needs 36
-//! per 4×4 tile, 2.25 per pixel. This module serves two of the three products:
+//! per 4×4 tile, 2.25 per pixel. This module serves all three products:
 //!
 //! - the forward convolution, zero padding 0 or 1 (the residual blocks pad by reflection first);
 //! - the input gradient, which for stride 1 is itself a stride-1 convolution: the output
 //!   gradient padded by `2 − pad`, correlated with each kernel rotated by 180° and the channel
-//!   roles swapped. Only the weight transform differs.
+//!   roles swapped. Only the weight transform differs;
+//! - the weight gradient, the forward's exact transpose in the weights: the output gradient's
+//!   4×4 tiles are taken to the transform domain by A (the transpose of the output transform
+//!   Aᵀ), multiplied point by point with the forward's transformed input tiles and summed over
+//!   tiles (36 GEMMs whose inner dimension is the tiles), and the sums brought back to 3×3
+//!   kernels by Gᵀ.
 //!
 //! Unlike the inference executor's [`crate::model::fast`] Winograd (channels-last, weights
 //! transformed once at load), this one reads and writes NCHW planes directly and transforms the
 //! weights on every call, since training changes them every step. Per block of tile rows the
-//! input transform runs in parallel over input channels, the 36 point-wise GEMMs in parallel
-//! over points, and the output transform in parallel over output channels; every output element
-//! is computed by one thread in a fixed order, so results do not depend on the thread count.
+//! tile transforms run in parallel over channels, the 36 point-wise GEMMs in parallel over
+//! points, and the output transform in parallel over output channels; every output element is
+//! computed by one thread in a fixed order (the weight gradient's sums: block by block, sample by
+//! sample), so results do not depend on the thread count.
 
 use std::ops::Range;
 
@@ -42,6 +48,9 @@ const MIN_CHANNELS: usize = 32;
 const MIN_OUTPUT_SIDE: usize = 32;
 
 /// Whether a 3×3 stride-1 product with these channels and output plane is faster by Winograd.
+/// One rule serves all three products: the weight gradient, measured alone, wins on the same
+/// shapes (and also at 16→16 on 64², 2.5×, a width no trained layer has) and loses on the same
+/// small planes (32→32 at 8²: 0.5×; 64→64 at 16²: 1.0×).
 pub fn worthwhile(in_channels: usize, out_channels: usize, (out_h, out_w): (usize, usize)) -> bool {
     in_channels.min(out_channels) >= MIN_CHANNELS && out_h.min(out_w) >= MIN_OUTPUT_SIDE
 }
@@ -82,6 +91,25 @@ impl Plan {
         let most = (BLOCK_FLOATS / per_row).clamp(1, self.tiles_y);
         self.tiles_y.div_ceil(self.tiles_y.div_ceil(most))
     }
+
+    /// The blocks of tile rows, in order.
+    fn blocks(&self) -> impl Iterator<Item = Range<usize>> {
+        let (step, end) = (self.block_rows(), self.tiles_y);
+        (0..end).step_by(step).map(move |first| first..(first + step).min(end))
+    }
+
+    /// Tiles in the largest block.
+    fn max_block_tiles(&self) -> usize {
+        self.block_rows() * self.tiles_x
+    }
+
+    fn in_plane(&self) -> usize {
+        self.in_h * self.in_w
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_h * self.out_w
+    }
 }
 
 /// y = conv(x, w): `x` is [batch, cin, h, w], `w` PyTorch's [cout, cin, 3, 3], zero padding
@@ -115,6 +143,52 @@ pub fn input_grad(
     correlate(dy, &transform_weights(w, cout, cin, Orientation::InputGrad), &plan)
 }
 
+/// dw of `forward` for input `x` ([batch, cin, h, w]) and output gradient `dy` ([batch, cout,
+/// out_h, out_w]); returns PyTorch's [cout, cin, 3, 3].
+///
+/// The exact transpose of `forward` in the weights: with y = Aᵀ[(G g Gᵀ) ⊙ V]A per tile,
+/// dg = Gᵀ[Σ_tiles (A dY Aᵀ) ⊙ V]G. Per block of tile rows, V (as `forward` computes it) and
+/// dM = A dY Aᵀ are transformed in parallel over channels, then each of the 36 points adds
+/// dM_p · V_pᵀ (cout × cin, summed over the block's tiles) to its dU_p, in parallel over points;
+/// each dU_p is summed by one thread, block by block and sample by sample, so the result does not
+/// depend on the thread count.
+pub fn weight_grad(
+    x: &[f32],
+    dy: &[f32],
+    batch: usize,
+    (cin, cout): (usize, usize),
+    (h, wd): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
+    let plan = Plan::new(batch, (cin, cout), (h, wd), pad);
+    let (in_sample, out_sample) = (cin * plan.in_plane(), cout * plan.out_plane());
+    assert_eq!(x.len(), batch * in_sample, "winograd: input shape");
+    assert_eq!(dy.len(), batch * out_sample, "winograd: output gradient shape");
+    // dU[point][o][i]
+    let mut du = Scratch::new(POINTS * cout * cin);
+    let max_tiles = plan.max_block_tiles();
+    let mut v = Scratch::new(cin * POINTS * max_tiles);
+    let mut dm = Scratch::new(cout * POINTS * max_tiles);
+    let mut first = true;
+    for (xs, dys) in x.chunks_exact(in_sample).zip(dy.chunks_exact(out_sample)) {
+        for rows in plan.blocks() {
+            let tiles = rows.len() * plan.tiles_x;
+            let (v, dm) = (&mut v[..cin * POINTS * tiles], &mut dm[..cout * POINTS * tiles]);
+            // V[c][point][tile], dM[o][point][tile]
+            transform_planes(xs, Tiling::input(&plan), rows.clone(), v, bt);
+            transform_planes(dys, Tiling::output(&plan), rows, dm, a_transposed);
+            let (v, dm) = (&*v, &*dm);
+            du.par_chunks_mut(cout * cin).enumerate().for_each(|(p, du)| {
+                let dm = Mat::new(&dm[p * tiles..], cout, tiles, POINTS * tiles);
+                let vt = Mat::new(&v[p * tiles..], cin, tiles, POINTS * tiles).t();
+                matmul(MatMut::new(du, cout, cin, cin), !first, dm, vt, Threads::One);
+            });
+            first = false;
+        }
+    }
+    untransform_weights(&du, cout, cin)
+}
+
 /// How the kernels of a [cout, cin, 3, 3] weight map onto the correlation being computed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Orientation {
@@ -124,18 +198,20 @@ enum Orientation {
     InputGrad,
 }
 
+// G's fractions, as products with reciprocals in [`g_lines`] and [`gt_lines`]: a division costs
+// several times a product, and these run over every weight on every call.
+const SIXTH: f32 = 1.0 / 6.0;
+const TWELFTH: f32 = 1.0 / 12.0;
+const TWENTY_FOURTH: f32 = 1.0 / 24.0;
+
 /// G of F(4×4, 3×3) (Lavin & Gray 2016) applied to 3-tap vectors held as three lines (one per
 /// tap, element-wise across kernels), giving the 6 transform points as six lines.
 #[inline(always)]
-fn g_lines([g0, g1, g2]: [&[f32]; 3], out: [&mut [f32]; SIDE]) {
+fn g_lines([g0, g1, g2]: [&[f32]; 3], [o0, o1, o2, o3, o4, o5]: [&mut [f32]; SIDE]) {
     let n = g0.len();
     let (g0, g1, g2) = (&g0[..n], &g1[..n], &g2[..n]);
-    let [o0, o1, o2, o3, o4, o5] = out.map(|o| &mut o[..n]);
-    // Products with the reciprocals, not divisions: a division costs several times a product,
-    // and this runs over every weight on every call.
-    const SIXTH: f32 = 1.0 / 6.0;
-    const TWELFTH: f32 = 1.0 / 12.0;
-    const TWENTY_FOURTH: f32 = 1.0 / 24.0;
+    let (o0, o1, o2, o3, o4, o5) =
+        (&mut o0[..n], &mut o1[..n], &mut o2[..n], &mut o3[..n], &mut o4[..n], &mut o5[..n]);
     for k in 0..n {
         let (a, b, c) = (g0[k], g1[k], g2[k]);
         let (outer, middle) = (a * TWENTY_FOURTH + c * SIXTH, b * TWELFTH);
@@ -148,8 +224,25 @@ fn g_lines([g0, g1, g2]: [&[f32]; 3], out: [&mut [f32]; SIDE]) {
     }
 }
 
-/// Six disjoint `len`-long lines of `buf`: line indices `first`, `first + step`, …
-fn six_lines(buf: &mut [f32], len: usize, first: usize, step: usize) -> [&mut [f32]; SIDE] {
+/// Gᵀ, the transpose of [`g_lines`]: six transform points held as lines back to three taps.
+/// (Multiplied by rounded reciprocals rather than divided: baseline x86-64 divides 4 lanes at a
+/// time, and the divisions took a quarter of this pass, 1.1 of 5.7 ms in a 256 → 256 weight
+/// gradient on one core.)
+#[inline(always)]
+fn gt_lines([u0, u1, u2, u3, u4, u5]: [&[f32]; SIDE], [o0, o1, o2]: [&mut [f32]; 3]) {
+    let n = u0.len();
+    let (u0, u1, u2, u3, u4, u5) = (&u0[..n], &u1[..n], &u2[..n], &u3[..n], &u4[..n], &u5[..n]);
+    let (o0, o1, o2) = (&mut o0[..n], &mut o1[..n], &mut o2[..n]);
+    for k in 0..n {
+        let (s12, d12, s34, d34) = (u1[k] + u2[k], u2[k] - u1[k], u3[k] + u4[k], u3[k] - u4[k]);
+        o0[k] = (6.0 * u0[k] - 4.0 * s12 + s34) * TWENTY_FOURTH;
+        o1[k] = (2.0 * d12 + d34) * TWELFTH;
+        o2[k] = (s34 - s12) * SIXTH + u5[k];
+    }
+}
+
+/// `N` disjoint `len`-long lines of `buf`: line indices `first`, `first + step`, …
+fn lines<const N: usize>(buf: &mut [f32], len: usize, first: usize, step: usize) -> [&mut [f32]; N] {
     let mut lines = buf.chunks_exact_mut(len).skip(first).step_by(step);
     std::array::from_fn(|_| lines.next().expect("line inside the buffer"))
 }
@@ -181,15 +274,43 @@ fn transform_weights(w: &[f32], cout: usize, cin: usize, orientation: Orientatio
         }
         let tap = |r: usize, s: usize| &taps[(r * 3 + s) * ins..][..ins];
         for s in 0..3 {
-            g_lines([tap(0, s), tap(1, s), tap(2, s)], six_lines(half, ins, s * SIDE, 1));
+            g_lines([tap(0, s), tap(1, s), tap(2, s)], lines(half, ins, s * SIDE, 1));
         }
         let half = &*half;
         for i in 0..SIDE {
             let column = |s: usize| &half[(s * SIDE + i) * ins..][..ins];
-            g_lines([column(0), column(1), column(2)], six_lines(row, ins, i * SIDE, 1));
+            g_lines([column(0), column(1), column(2)], lines(row, ins, i * SIDE, 1));
         }
     });
     Transformed { u, outs, ins }
+}
+
+/// dW = Gᵀ dU G for every kernel: the transpose of [`transform_weights`] (forward orientation),
+/// from dU[point][o][i] to PyTorch's [cout, cin, 3, 3], in parallel over output channels. Both
+/// passes of Gᵀ run over lines across input channels; the taps are scattered at the end.
+fn untransform_weights(du: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    assert_eq!(du.len(), POINTS * cout * cin, "winograd: transformed weight gradient shape");
+    let mut dw = vec![0f32; cout * cin * 9];
+    dw.par_chunks_mut(cin * 9).enumerate().for_each_init(Vec::new, |scratch, (o, kernels)| {
+        // half[i][s][b] = (dU[i][..] · G)[s], then taps[r][s][b] = (Gᵀ · half[.., s])[r].
+        scratch.resize((3 * SIDE + 9) * cin, 0.0);
+        let (half, taps) = scratch.split_at_mut(3 * SIDE * cin);
+        let point = |p: usize| &du[(p * cout + o) * cin..][..cin];
+        for i in 0..SIDE {
+            gt_lines(std::array::from_fn(|j| point(i * SIDE + j)), lines(half, cin, 3 * i, 1));
+        }
+        let half = &*half;
+        for s in 0..3 {
+            let column = |i: usize| &half[(3 * i + s) * cin..][..cin];
+            gt_lines(std::array::from_fn(column), lines(taps, cin, s, 3));
+        }
+        for (b, kernel) in kernels.chunks_exact_mut(9).enumerate() {
+            for (t, value) in kernel.iter_mut().enumerate() {
+                *value = taps[t * cin + b];
+            }
+        }
+    });
+    dw
 }
 
 /// Transformed weights of one correlation: `outs` × `ins` kernels.
@@ -203,32 +324,27 @@ struct Transformed {
 fn correlate(x: &[f32], weights: &Transformed, plan: &Plan) -> Vec<f32> {
     let (cin, cout) = (plan.in_channels, plan.out_channels);
     assert_eq!((weights.ins, weights.outs), (cin, cout), "winograd: weight channels");
-    let (in_sample, out_sample) = (cin * plan.in_h * plan.in_w, cout * plan.out_h * plan.out_w);
+    let (in_sample, out_sample) = (cin * plan.in_plane(), cout * plan.out_plane());
     assert_eq!(x.len(), plan.batch * in_sample, "winograd: input shape");
     let mut y = vec![0f32; plan.batch * out_sample];
-    let block_rows = plan.block_rows();
-    let max_tiles = block_rows * plan.tiles_x;
+    let max_tiles = plan.max_block_tiles();
     let mut v = Scratch::new(cin * POINTS * max_tiles);
     let mut m = Scratch::new(POINTS * cout * max_tiles);
     for (xs, ys) in x.chunks_exact(in_sample).zip(y.chunks_exact_mut(out_sample)) {
-        for first in (0..plan.tiles_y).step_by(block_rows) {
-            let rows = first..(first + block_rows).min(plan.tiles_y);
+        for rows in plan.blocks() {
             let tiles = rows.len() * plan.tiles_x;
             let (v, m) = (&mut v[..cin * POINTS * tiles], &mut m[..POINTS * cout * tiles]);
             // V[c][point][tile]
-            v.par_chunks_mut(POINTS * tiles)
-                .zip(xs.par_chunks_exact(plan.in_h * plan.in_w))
-                .for_each_init(Vec::new, |scratch, (v, plane)| {
-                    input_transform(plane, plan, rows.clone(), v, scratch)
-                });
+            transform_planes(xs, Tiling::input(plan), rows.clone(), v, bt);
             // M[point][o][tile] = Σ_c U[o][point][c] · V[c][point][tile]
+            let v = &*v;
             m.par_chunks_mut(cout * tiles).enumerate().for_each(|(p, m)| {
                 let u = Mat::new(&weights.u[p * cin..], cout, cin, POINTS * cin);
                 let vp = Mat::new(&v[p * tiles..], cin, tiles, POINTS * tiles);
                 matmul(MatMut::new(m, cout, tiles, tiles), false, u, vp, Threads::One);
             });
             let m = &*m;
-            ys.par_chunks_exact_mut(plan.out_h * plan.out_w)
+            ys.par_chunks_exact_mut(plan.out_plane())
                 .enumerate()
                 .for_each_init(Vec::new, |scratch, (o, plane)| {
                     output_transform(m, o, plan, rows.clone(), plane, scratch)
@@ -258,44 +374,100 @@ fn at([m0, m1, m2, m3, m4, m5]: [f32; SIDE]) -> [f32; TILE] {
     [m0 + s12 + s34, d12 + 2.0 * d34, s12 + 4.0 * s34, d12 + 8.0 * d34 + m5]
 }
 
-/// V = Bᵀ d B for every tile of tile rows `rows` of one input channel's plane, written to
-/// v[point][tile]. Each tile row is first copied with its zero border into six padded lines,
-/// so the column transform runs over whole lines.
-fn input_transform(plane: &[f32], plan: &Plan, rows: Range<usize>, v: &mut [f32], scratch: &mut Vec<f32>) {
-    let tiles = rows.len() * plan.tiles_x;
-    let width = TILE * plan.tiles_x + 2;
-    scratch.resize(2 * SIDE * width, 0.0);
-    let (lines, columns) = scratch.split_at_mut(SIDE * width);
+/// A, the transpose of [`at`]: four output gradients to six transformed ones.
+#[inline(always)]
+fn a_transposed([y0, y1, y2, y3]: [f32; TILE]) -> [f32; SIDE] {
+    let (even, odd) = (y0 + y2, y1 + y3);
+    let (even4, odd2) = (y0 + 4.0 * y2, 2.0 * y1 + 8.0 * y3);
+    [y0, even + odd, even - odd, even4 + odd2, even4 - odd2, y3]
+}
+
+/// Where a transform reads its tiles: a `h`×`w` plane, zero padded by `pad` on the top and left
+/// (and as far as the tiles reach on the bottom and right), in `tiles_x` tiles per tile row.
+#[derive(Clone, Copy)]
+struct Tiling {
+    h: usize,
+    w: usize,
+    pad: usize,
+    tiles_x: usize,
+}
+
+impl Tiling {
+    /// The input planes, which tiles read 6×6 (overlapping by 2).
+    fn input(plan: &Plan) -> Self {
+        Self { h: plan.in_h, w: plan.in_w, pad: plan.pad, tiles_x: plan.tiles_x }
+    }
+
+    /// The output (gradient) planes, which tiles read 4×4.
+    fn output(plan: &Plan) -> Self {
+        Self { h: plan.out_h, w: plan.out_w, pad: 0, tiles_x: plan.tiles_x }
+    }
+}
+
+/// [`transform_tiles`] of every plane of `planes` (one sample's channels) into its chunk of
+/// `out` ([channel][point][tile]), in parallel over channels.
+fn transform_planes<const N: usize, T: Fn([f32; N]) -> [f32; SIDE] + Copy + Sync>(
+    planes: &[f32],
+    tiling: Tiling,
+    rows: Range<usize>,
+    out: &mut [f32],
+    transform: T,
+) {
+    let tiles = rows.len() * tiling.tiles_x;
+    out.par_chunks_mut(POINTS * tiles)
+        .zip(planes.par_chunks_exact(tiling.h * tiling.w))
+        .for_each_init(Vec::new, |scratch, (out, plane)| {
+            transform_tiles(plane, tiling, rows.clone(), out, scratch, transform)
+        });
+}
+
+/// T d Tᵀ for every N×N tile of tile rows `rows` of one plane, where `transform` applies T (6×N)
+/// to N samples, written to out[point][tile]: Bᵀ d B of the input tiles (N = 6), or A dY Aᵀ of
+/// the output gradient tiles (N = 4). Each tile row is first copied with its zero border into N
+/// padded lines, so the column transform runs over whole lines.
+fn transform_tiles<const N: usize, T: Fn([f32; N]) -> [f32; SIDE]>(
+    plane: &[f32],
+    tiling: Tiling,
+    rows: Range<usize>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    transform: T,
+) {
+    let Tiling { h, w, pad, tiles_x } = tiling;
+    let tiles = rows.len() * tiles_x;
+    let width = TILE * tiles_x + N - TILE;
+    scratch.resize((N + SIDE) * width, 0.0);
+    let (padded, columns) = scratch.split_at_mut(N * width);
     for (r, ty) in rows.enumerate() {
-        for (k, line) in lines.chunks_exact_mut(width).enumerate() {
+        for (k, line) in padded.chunks_exact_mut(width).enumerate() {
             line.fill(0.0);
-            let Some(iy) = (TILE * ty + k).checked_sub(plan.pad).filter(|&iy| iy < plan.in_h) else {
+            let Some(iy) = (TILE * ty + k).checked_sub(pad).filter(|&iy| iy < h) else {
                 continue;
             };
-            let src = &plane[iy * plan.in_w..][..plan.in_w];
-            let end = (plan.pad + plan.in_w).min(width);
-            line[plan.pad..end].copy_from_slice(&src[..end - plan.pad]);
+            let end = (pad + w).min(width);
+            line[pad..end].copy_from_slice(&plane[iy * w..][..end - pad]);
         }
-        // Columns: columns[i][x] = Σ_k Bᵀ[i][k] lines[k][x].
-        let l: [&[f32]; SIDE] = std::array::from_fn(|k| &lines[k * width..][..width]);
-        let (c0, rest) = columns.split_at_mut(width);
-        let (c1, rest) = rest.split_at_mut(width);
-        let (c2, rest) = rest.split_at_mut(width);
-        let (c3, rest) = rest.split_at_mut(width);
-        let (c4, c5) = rest.split_at_mut(width);
+        // Columns: columns[i][x] = Σ_k T[i][k] padded[k][x].
+        let l: [&[f32]; N] = std::array::from_fn(|k| &padded[k * width..][..width]);
+        let [c0, c1, c2, c3, c4, c5] = lines::<SIDE>(columns, width, 0, 1);
+        let (c0, c1, c2) = (&mut c0[..width], &mut c1[..width], &mut c2[..width]);
+        let (c3, c4, c5) = (&mut c3[..width], &mut c4[..width], &mut c5[..width]);
         for x in 0..width {
-            let out = bt([l[0][x], l[1][x], l[2][x], l[3][x], l[4][x], l[5][x]]);
-            (c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]) = (out[0], out[1], out[2], out[3], out[4], out[5]);
+            // (A plain loop: `array::map` here is left as a call per sample.)
+            let mut samples = [0f32; N];
+            for (sample, line) in samples.iter_mut().zip(&l) {
+                *sample = line[x];
+            }
+            [c0[x], c1[x], c2[x], c3[x], c4[x], c5[x]] = transform(samples);
         }
-        // Rows: V[i][j] = Σ_k columns[i][k] B[k][j], tile by tile.
-        let first_tile = r * plan.tiles_x;
+        // Rows: out[i][j] = Σ_k columns[i][k] T[j][k], tile by tile.
+        let first_tile = r * tiles_x;
         for i in 0..SIDE {
             let line = &columns[i * width..][..width];
-            for tx in 0..plan.tiles_x {
-                let d = &line[TILE * tx..][..SIDE];
-                let out = bt([d[0], d[1], d[2], d[3], d[4], d[5]]);
-                for (j, value) in out.into_iter().enumerate() {
-                    v[(i * SIDE + j) * tiles + first_tile + tx] = value;
+            for tx in 0..tiles_x {
+                let d = line[TILE * tx..][..N].try_into().expect("N samples");
+                for (j, value) in transform(d).into_iter().enumerate() {
+                    out[(i * SIDE + j) * tiles + first_tile + tx] = value;
                 }
             }
         }
@@ -349,7 +521,7 @@ fn output_transform(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::conv::{conv3x3_f32, Conv3x3Kernel};
+    use crate::model::conv::{conv3x3_f32, Conv3x3Kernel, Conv3x3Product};
 
     /// Relative L2 error the F(4×4, 3×3) transforms add in f32 (their ±8 and 1/24 factors cost a
     /// few bits over direct summation; measured errors sit around 1e-6).
@@ -378,19 +550,20 @@ mod tests {
         (diff / norm).sqrt()
     }
 
-    /// Both Winograd products against im2col + GEMM on awkward shapes: sides that are not
-    /// multiples of 4, planes smaller than one tile, channel counts not multiples of 16,
-    /// batches of two, padding 0 and 1.
+    /// The three Winograd products against im2col + GEMM on awkward shapes: sides that are not
+    /// multiples of 4, planes smaller than one tile, channel counts not multiples of 8, batches
+    /// of one to three, padding 0 and 1.
     #[test]
-    fn forward_and_input_gradient_match_im2col() {
+    fn products_match_im2col() {
         for (i, &(batch, cin, cout, h, w, pad)) in [
             (2, 3, 5, 9, 7, 1),
             (2, 17, 6, 3, 5, 0),
             (1, 5, 33, 3, 5, 1),
             (2, 20, 12, 11, 13, 0),
-            (2, 12, 20, 13, 10, 1),
+            (3, 12, 20, 13, 10, 1),
             (1, 48, 40, 18, 19, 1),
-            (2, 7, 9, 6, 6, 0),
+            (3, 7, 9, 6, 6, 0),
+            (2, 37, 19, 21, 15, 0),
             (1, 4, 3, 1, 1, 1),
         ]
         .iter()
@@ -400,13 +573,16 @@ mod tests {
             let weight = values(cout * cin * 9, 3 * i as u64);
             let x = values(batch * cin * h * w, 3 * i as u64 + 1);
             let dy = values(batch * cout * out_h * out_w, 3 * i as u64 + 2);
-            for (input_grad, a) in [(false, &x), (true, &dy)] {
-                let run = |kernel| {
-                    conv3x3_f32(kernel, input_grad, a, &weight, batch, (cin, cout), (h, w), pad).unwrap()
-                };
+            for (product, a, b) in [
+                (Conv3x3Product::Forward, &x, &weight),
+                (Conv3x3Product::InputGrad, &dy, &weight),
+                (Conv3x3Product::WeightGrad, &x, &dy),
+            ] {
+                let run =
+                    |kernel| conv3x3_f32(kernel, product, a, b, batch, (cin, cout), (h, w), pad).unwrap();
                 let (ours, reference) = (run(Conv3x3Kernel::Winograd), run(Conv3x3Kernel::Im2colGemm));
                 let error = relative_l2(&ours, &reference);
-                let case = (batch, cin, cout, h, w, pad, input_grad);
+                let case = (batch, cin, cout, h, w, pad, product);
                 assert!(error < TOLERANCE, "{case:?}: relative L2 error {error:e}");
             }
         }
@@ -440,10 +616,34 @@ mod tests {
         }
     }
 
-    /// The bit-exact resume of `cycletrain` needs results that do not depend on the thread count.
+    /// The weight gradient's final transform is the transpose of the forward weight transform:
+    /// ⟨U(w), dU⟩ = ⟨w, Uᵀ(dU)⟩ for any w and dU (U's layout is [out][point][in], dU's
+    /// [point][out][in]).
+    #[test]
+    fn weight_untransform_is_the_transpose_of_the_transform() {
+        let (cout, cin) = (5, 7);
+        let w = values(cout * cin * 9, 21);
+        let du = values(POINTS * cout * cin, 22);
+        let u = transform_weights(&w, cout, cin, Orientation::Forward).u;
+        let dw = untransform_weights(&du, cout, cin);
+        let mut transformed_side = 0f64;
+        for (o, p, i) in
+            (0..cout).flat_map(|o| (0..POINTS).flat_map(move |p| (0..cin).map(move |i| (o, p, i))))
+        {
+            transformed_side += u[(o * POINTS + p) * cin + i] as f64 * du[(p * cout + o) * cin + i] as f64;
+        }
+        let kernel_side: f64 = w.iter().zip(&dw).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let scale: f64 = w.iter().zip(&dw).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+        let error = (transformed_side - kernel_side).abs() / scale;
+        assert!(error < 1e-6, "⟨U(w), dU⟩ = {transformed_side}, ⟨w, Uᵀ(dU)⟩ = {kernel_side}");
+    }
+
+    /// The bit-exact resume of `cycletrain` needs results that do not depend on the thread count,
+    /// including the weight gradient's sums over several blocks of tile rows and samples.
     #[test]
     fn results_are_bit_identical_across_thread_counts() {
-        let (batch, cin, cout, h, w, pad) = (2, 40, 36, 17, 22, 1);
+        let (batch, cin, cout, h, w, pad) = (2, 40, 36, 150, 122, 1);
+        assert!(Plan::new(batch, (cin, cout), (h, w), pad).blocks().count() > 1, "one block only");
         let weight = values(cout * cin * 9, 11);
         let x = values(batch * cin * h * w, 12);
         let run = |threads: usize| {
@@ -451,7 +651,8 @@ mod tests {
             pool.install(|| {
                 let y = forward(&x, &weight, batch, (cin, cout), (h, w), pad);
                 let dx = input_grad(&y, &weight, batch, (cin, cout), (h, w), pad);
-                (y, dx)
+                let dw = weight_grad(&x, &y, batch, (cin, cout), (h, w), pad);
+                (y, dx, dw)
             })
         };
         let one = run(1);
