@@ -469,19 +469,17 @@ fn apply(
 #[derive(Clone, Debug)]
 struct BiasedConvOp(ConvOp);
 
-impl BiasedConvOp {
-    /// Adds `bias` in place to the product `(out, shape)`.
-    fn with_bias<T: Scalar>(&self, (mut out, shape): (Vec<T>, Shape), bias: &[T]) -> Result<(Vec<T>, Shape)> {
-        let (_, channels, h, w) = shape.dims4()?;
-        if bias.len() != channels {
-            candle_core::bail!("conv: {} biases for {channels} output channels", bias.len())
-        }
-        out.par_chunks_mut(h * w).enumerate().for_each(|(plane, values)| {
-            let b = bias[plane % channels];
-            values.iter_mut().for_each(|v| *v += b);
-        });
-        Ok((out, shape))
+/// Adds `bias` in place to the planes of an NCHW product of shape `shape`.
+fn add_bias<T: Scalar>(mut out: Vec<T>, shape: &Shape, bias: &[T]) -> Result<Vec<T>> {
+    let (_, channels, h, w) = shape.dims4()?;
+    if bias.len() != channels {
+        candle_core::bail!("conv: {} biases for {channels} output channels", bias.len())
     }
+    out.par_chunks_mut(h * w).enumerate().for_each(|(plane, values)| {
+        let b = bias[plane % channels];
+        values.iter_mut().for_each(|v| *v += b);
+    });
+    Ok(out)
 }
 
 impl CustomOp3 for BiasedConvOp {
@@ -489,6 +487,7 @@ impl CustomOp3 for BiasedConvOp {
         self.0.name()
     }
 
+    /// The product as [`ConvOp`] computes it, then the bias.
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -498,21 +497,17 @@ impl CustomOp3 for BiasedConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let (a, b, bias) =
-                    (contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?, contiguous_slice(s3, l3)?);
-                let (out, shape) = self.with_bias(self.0.run_f32(a, b), bias)?;
-                Ok((CpuStorage::F32(out), shape))
+        let (product, shape) = self.0.cpu_fwd(s1, l1, s2, l2)?;
+        let biased = match (product, s3) {
+            (CpuStorage::F32(out), CpuStorage::F32(_)) => {
+                CpuStorage::F32(add_bias(out, &shape, contiguous_slice(s3, l3)?)?)
             }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let (a, b, bias) =
-                    (contiguous_slice(s1, l1)?, contiguous_slice(s2, l2)?, contiguous_slice(s3, l3)?);
-                let (out, shape) = self.with_bias(self.0.run::<f64>(a, b), bias)?;
-                Ok((CpuStorage::F64(out), shape))
+            (CpuStorage::F64(out), CpuStorage::F64(_)) => {
+                CpuStorage::F64(add_bias(out, &shape, contiguous_slice(s3, l3)?)?)
             }
-            _ => candle_core::bail!("conv: f32 or f64 arguments of one dtype expected"),
-        }
+            _ => candle_core::bail!("conv: the bias must have the arguments' dtype"),
+        };
+        Ok((biased, shape))
     }
 
     fn bwd(
