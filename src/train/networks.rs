@@ -119,25 +119,51 @@ fn l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     (a - b)?.abs()?.mean_all()
 }
 
+/// `net` applied to each of `inputs`, in one pass over them stacked on the batch axis. Every
+/// layer treats the samples of a batch independently (instance norm normalises per sample), so
+/// this is the same function as separate passes; one pass prepares each layer's weights once
+/// (the Winograd transforms), gives the products longer rows, and leaves one weight gradient per
+/// layer to compute instead of one per pass.
+fn batched_forward(net: &impl Module, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
+    let out = net.forward(&Tensor::cat(inputs, 0)?)?;
+    let mut start = 0;
+    inputs
+        .iter()
+        .map(|input| {
+            let len = input.dim(0)?;
+            start += len;
+            out.narrow(0, start - len, len)
+        })
+        .collect()
+}
+
 impl Networks {
+    /// The generator half of the recipe. Its six generator applications run as three passes:
+    /// F over (y, x) gives fake x and x's identity; G over (x, fake x, y) gives fake y, y's
+    /// reconstruction and y's identity; F over fake y gives x's reconstruction.
     pub fn generator_losses(
         &self,
         real_x: &Tensor,
         real_y: &Tensor,
         w: LossWeights,
     ) -> Result<GeneratorLosses> {
-        let fake_y = self.g.forward(real_x)?;
-        let fake_x = self.f.forward(real_y)?;
+        let with_identity = w.identity > 0.;
+        let f_inputs: &[&Tensor] = if with_identity { &[real_y, real_x] } else { &[real_y] };
+        let f_out = batched_forward(&self.f, f_inputs)?;
+        let fake_x = f_out[0].clone();
+        let g_inputs: &[&Tensor] =
+            if with_identity { &[real_x, &fake_x, real_y] } else { &[real_x, &fake_x] };
+        let g_out = batched_forward(&self.g, g_inputs)?;
+        let (fake_y, rec_y) = (g_out[0].clone(), &g_out[1]);
+        let rec_x = self.f.forward(&fake_y)?;
+
         let gan_g = lsgan(&self.d_y.forward(&fake_y)?, 1.)?;
         let gan_f = lsgan(&self.d_x.forward(&fake_x)?, 1.)?;
-        let cycle_x = (l1(&self.f.forward(&fake_y)?, real_x)? * w.cycle)?;
-        let cycle_y = (l1(&self.g.forward(&fake_x)?, real_y)? * w.cycle)?;
-        let (identity_x, identity_y) = if w.identity > 0. {
+        let cycle_x = (l1(&rec_x, real_x)? * w.cycle)?;
+        let cycle_y = (l1(rec_y, real_y)? * w.cycle)?;
+        let (identity_x, identity_y) = if with_identity {
             let scale = w.cycle * w.identity;
-            (
-                (l1(&self.f.forward(real_x)?, real_x)? * scale)?,
-                (l1(&self.g.forward(real_y)?, real_y)? * scale)?,
-            )
+            ((l1(&f_out[1], real_x)? * scale)?, (l1(&g_out[2], real_y)? * scale)?)
         } else {
             let zero = Tensor::zeros((), DType::F32, real_x.device())?;
             (zero.clone(), zero)
@@ -147,7 +173,7 @@ impl Networks {
     }
 
     /// Each discriminator's loss, `(MSE(D(real), 1) + MSE(D(fake), 0)) / 2`; `fake_*` come from
-    /// the image pools, detached.
+    /// the image pools, detached. Each discriminator scores its real and fake images in one pass.
     pub fn discriminator_losses(
         &self,
         real_x: &Tensor,
@@ -155,8 +181,10 @@ impl Networks {
         fake_x: &Tensor,
         fake_y: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let d_x = ((lsgan(&self.d_x.forward(real_x)?, 1.)? + lsgan(&self.d_x.forward(fake_x)?, 0.)?)? * 0.5)?;
-        let d_y = ((lsgan(&self.d_y.forward(real_y)?, 1.)? + lsgan(&self.d_y.forward(fake_y)?, 0.)?)? * 0.5)?;
-        Ok((d_x, d_y))
+        let loss = |d: &Discriminator, real: &Tensor, fake: &Tensor| -> Result<Tensor> {
+            let scores = batched_forward(d, &[real, fake])?;
+            (lsgan(&scores[0], 1.)? + lsgan(&scores[1], 0.)?)? * 0.5
+        };
+        Ok((loss(&self.d_x, real_x, fake_x)?, loss(&self.d_y, real_y, fake_y)?))
     }
 }
