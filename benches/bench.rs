@@ -270,6 +270,7 @@ fn train(
 ) -> anyhow::Result<()> {
     // As cycletrain does, before the first candle op.
     cycleserve::train::keep_candle_elementwise_on_one_thread();
+    cycleserve::memory::keep_freed_buffers_for_reuse();
     anyhow::ensure!(steps > 0, "--steps must be at least 1");
     let given = match &setup.inputs {
         Some(paths) => Some((Tensor::read_npy(&paths[0])?, Tensor::read_npy(&paths[1])?)),

@@ -187,6 +187,7 @@ struct ExportArgs {
 
 pub fn main() -> ExitCode {
     super::keep_candle_elementwise_on_one_thread();
+    crate::memory::keep_freed_buffers_for_reuse();
     let cli = Cli::parse();
     let progress = init_logging_with_progress(&cli.logging);
     let result = match cli.command {
