@@ -5,7 +5,8 @@
 //! convolutions' GEMMs. On the CPU in f32/f64 the fused op makes two passes for the statistics and
 //! one for the output, and its backward recomputes them from the input and makes two more. Each
 //! element is computed in its own type; plane sums add short runs of it in f64, in a fixed order,
-//! so the result depends on neither the thread count nor the batch. Other devices and dtypes keep the composed form.
+//! so the result depends on neither the thread count nor the batch. Other devices and dtypes
+//! keep the composed form.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::VarBuilder;
