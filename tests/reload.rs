@@ -19,7 +19,7 @@ use cycleserve::engine::footprint::MemoryModel;
 use cycleserve::engine::reload::{Reloader, Trigger};
 use cycleserve::engine::worker::{BatchRunner, RunnerFactory};
 use cycleserve::engine::{run_batch, Engine, EngineConfig, EngineError, Target};
-use cycleserve::model::{Direction, Domains, Executor, Model, ModelFile};
+use cycleserve::model::{Direction, Domains, Executor, Model, ModelFile, WeightStorage};
 use image::DynamicImage;
 use reqwest::header::CONTENT_TYPE;
 use reqwest::Client;
@@ -58,7 +58,7 @@ fn write_model(weights: Weights, out: &Path) {
         Weights::TransposeAffine => "generator_transpose_affine.pth",
     });
     let domains = Domains::parse("photo,painting").unwrap();
-    cycleserve::model::import::import(&pth, Some(&pth), domains, out).unwrap();
+    cycleserve::model::import::import(&pth, Some(&pth), domains, out, WeightStorage::F32).unwrap();
 }
 
 /// Puts `content` at `path` the way operators should: a hidden temporary name, then a rename, so
@@ -310,7 +310,13 @@ async fn a_model_too_large_for_the_memory_budget_is_refused_and_reported() {
     let serving = engine.resolve(None, "x2y").unwrap();
     assert!(engine.check_fits_budget(&serving.model.info, &serving.model.memory).is_ok());
 
-    ModelFile::save(&dir.path().join("wide.safetensors"), &wide.metadata, &wide.generators).unwrap();
+    ModelFile::save(
+        &dir.path().join("wide.safetensors"),
+        &wide.metadata,
+        &wide.generators,
+        WeightStorage::F32,
+    )
+    .unwrap();
     let rescan = recorded.reloader.rescan(Trigger::Poll).await;
     assert_eq!(rescan.failed, ["wide"]);
     let failure = engine.load_failure("wide").unwrap();

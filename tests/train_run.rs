@@ -182,7 +182,8 @@ fn export_serves_and_bad_setups_fail_clearly() {
         model.to_str().unwrap(),
         "--domains",
         "photo,painting",
-        "--half",
+        "--storage",
+        "int8",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let png = dir.path().join("out.png");
@@ -221,7 +222,7 @@ fn export_serves_and_bad_setups_fail_clearly() {
     let meta = cycleserve::model::ModelFile::load(&model, &Device::Cpu).unwrap().metadata;
     assert_eq!(meta.provenance["steps"], "2");
     assert!(meta.provenance["producer"].starts_with("cycletrain"));
-    assert_eq!(meta.provenance["storage"], "f16");
+    assert_eq!(meta.provenance["storage"], "int8");
     // Where the data lay is told relative to the run directory, never as this machine's path.
     assert_eq!(meta.provenance["dataset"], "X: ../data/trainA; Y: ../data/trainB");
     let root = dir.path().canonicalize().unwrap();

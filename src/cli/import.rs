@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::model::{import, Domains};
+use crate::model::{import, Domains, WeightStorage};
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
@@ -28,12 +28,18 @@ pub struct ImportArgs {
     /// Model file to write (.safetensors).
     #[arg(long)]
     out: PathBuf,
+    /// How to store the weights: f32, f16, bf16, or int8 (convolution kernels with a scale per
+    /// output channel, a quarter of f32's size). All are widened to f32 on load.
+    #[arg(long, default_value = "f32")]
+    storage: WeightStorage,
 }
 
 pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let report = match (&args.checkpoint, &args.x2y) {
-        (Some(checkpoint), _) => import::import_combined(checkpoint, args.swap, args.domains, &args.out)?,
-        (None, Some(x2y)) => import::import(x2y, args.y2x.as_deref(), args.domains, &args.out)?,
+        (Some(checkpoint), _) => {
+            import::import_combined(checkpoint, args.swap, args.domains, &args.out, args.storage)?
+        }
+        (None, Some(x2y)) => import::import(x2y, args.y2x.as_deref(), args.domains, &args.out, args.storage)?,
         (None, None) => anyhow::bail!("give --x2y (and --y2x) or --checkpoint"),
     };
     for note in &report.notes {

@@ -1,17 +1,18 @@
 //! The model file: one safetensors file holding `G.` (X→Y) and/or `F.` (Y→X) generator weights
 //! under PyTorch key names, with the architecture, domain names and provenance in its header.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
-use safetensors::{SafeTensorError, SafeTensors};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
 use serde::Serialize;
 
 use super::config::{Family, GeneratorConfig, ParamSpec};
+use super::stored_weights::{Int8Kernel, WeightStorage, SCALE_SUFFIX};
 use super::ModelError;
 
 /// Value of the `format` metadata key of every file this crate writes.
@@ -211,12 +212,22 @@ impl ModelFile {
             SafeTensors::read_metadata(bytes).map_err(|e| classify_safetensors_error(bytes, e))?;
         let metadata = ModelMetadata::from_header(header.metadata().as_ref())?;
 
+        // An int8 kernel's scales are read with the kernel, not as a parameter of their own.
+        let int8: HashSet<String> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, v)| v.dtype() == Dtype::I8 && !n.ends_with(SCALE_SUFFIX))
+            .map(|(n, _)| n)
+            .collect();
+        let is_scale =
+            |name: &str| name.strip_suffix(SCALE_SUFFIX).is_some_and(|kernel| int8.contains(kernel));
         let mut found: BTreeMap<Direction, Vec<ParamSpec>> = BTreeMap::new();
         let mut stray = Vec::new();
         for (name, view) in st.tensors() {
             let direction =
                 Direction::BOTH.into_iter().find(|d| name.starts_with(&format!("{}.", d.prefix())));
             match direction {
+                _ if is_scale(&name) => {}
                 Some(d) => found.entry(d).or_default().push(ParamSpec::new(&name[2..], view.shape())),
                 None => stray.push(name),
             }
@@ -225,6 +236,7 @@ impl ModelFile {
             return Err(ModelError::NoGenerators);
         }
         let mut problems: Vec<String> = stray.iter().map(|n| format!("unexpected tensor {n}")).collect();
+        problems.extend(int8.iter().filter_map(|kernel| scale_problem(&st, kernel)));
         for (direction, tensors) in &found {
             problems.extend(check_parameters(
                 &metadata.architecture,
@@ -244,19 +256,7 @@ impl ModelFile {
             let mut weights = HashMap::new();
             for ParamSpec { name, .. } in metadata.architecture.parameters() {
                 let full = format!("{}.{name}", direction.prefix());
-                let view = st.tensor(&full).map_err(|e| classify_safetensors_error(bytes, e))?;
-                let tensor = match view.dtype() {
-                    safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
-                        view.load(device)?.to_dtype(DType::F32)?
-                    }
-                    other => {
-                        return Err(ModelError::UnsupportedDtype {
-                            tensor: full,
-                            dtype: format!("{other:?}"),
-                        })
-                    }
-                };
-                weights.insert(name, tensor);
+                weights.insert(name, read_weight(&st, bytes, &full, device)?);
             }
             generators.insert(*direction, weights);
         }
@@ -265,12 +265,12 @@ impl ModelFile {
 
     /// Writes a model file atomically (temporary file + rename), so a reader never sees half.
     ///
-    /// `generators` holds PyTorch-named tensors per direction; they are stored as they are, so
-    /// pass f16 tensors for half-size storage.
+    /// `generators` holds PyTorch-named f32 tensors per direction, written in `storage`.
     pub fn save(
         path: &Path,
         metadata: &ModelMetadata,
         generators: &BTreeMap<Direction, HashMap<String, Tensor>>,
+        storage: WeightStorage,
     ) -> Result<(), ModelError> {
         if generators.is_empty() {
             return Err(ModelError::NoGenerators);
@@ -287,13 +287,57 @@ impl ModelFile {
                 });
             }
             for (name, tensor) in weights {
-                tensors.push((format!("{}.{name}", direction.prefix()), tensor.contiguous()?));
+                tensors.extend(storage.encode(&format!("{}.{name}", direction.prefix()), tensor)?);
             }
         }
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata.to_header()))
-                .map_err(|e| ModelError::Write { path: path.to_path_buf(), reason: e.to_string() })?;
+        let mut header = metadata.to_header();
+        header.insert("storage".to_string(), storage.to_string());
+        let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(header))
+            .map_err(|e| ModelError::Write { path: path.to_path_buf(), reason: e.to_string() })?;
         write_atomically(path, &bytes).map_err(|error| ModelError::Io { path: path.to_path_buf(), error })
+    }
+}
+
+/// Reads one weight as f32: float tensors are widened, int8 kernels multiplied by their scales.
+fn read_weight(st: &SafeTensors, bytes: &[u8], name: &str, device: &Device) -> Result<Tensor, ModelError> {
+    let view = |name: &str| st.tensor(name).map_err(|e| classify_safetensors_error(bytes, e));
+    let float = |name: &str| -> Result<Tensor, ModelError> {
+        let view = view(name)?;
+        match view.dtype() {
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 => Ok(view.load(device)?.to_dtype(DType::F32)?),
+            other => {
+                Err(ModelError::UnsupportedDtype { tensor: name.to_string(), dtype: format!("{other:?}") })
+            }
+        }
+    };
+    let kernel = view(name)?;
+    if kernel.dtype() != Dtype::I8 {
+        return float(name);
+    }
+    let scale_name = format!("{name}{SCALE_SUFFIX}");
+    let scales = float(&scale_name)?.flatten_all()?.to_vec1::<f32>()?;
+    if scales.iter().any(|s| !s.is_finite()) {
+        return Err(ModelError::NonFiniteScale { tensor: scale_name });
+    }
+    let values = kernel.data().iter().map(|&b| b as i8).collect();
+    let weights = Int8Kernel { values, scales }.dequantize();
+    Ok(Tensor::from_vec(weights, kernel.shape(), device)?)
+}
+
+/// What is wrong with the scales of the int8 tensor `kernel`, if anything: they must exist and
+/// hold one value per slice along the kernel's first axis, shaped `[slices, 1, …]`.
+fn scale_problem(st: &SafeTensors, kernel: &str) -> Option<String> {
+    let scale_name = format!("{kernel}{SCALE_SUFFIX}");
+    let shape = st.tensor(kernel).ok()?.shape().to_vec();
+    let expected: Vec<usize> =
+        shape.iter().enumerate().map(|(axis, &d)| if axis == 0 { d } else { 1 }).collect();
+    match st.tensor(&scale_name) {
+        Err(_) => Some(format!("int8 tensor {kernel} has no scale tensor {scale_name} {expected:?}")),
+        Ok(scale) if scale.shape() != expected || shape.is_empty() => Some(format!(
+            "wrong shape for {scale_name}: expected {expected:?} (one scale per slice of {kernel} {shape:?}), found {:?}",
+            scale.shape()
+        )),
+        Ok(_) => None,
     }
 }
 

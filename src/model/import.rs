@@ -16,6 +16,7 @@ use super::checkpoint::read_tensors;
 use super::config::GeneratorConfig;
 use super::file::{Direction, Domains, ModelFile, ModelMetadata};
 use super::layout::{find_generators, FoundGenerator};
+use super::stored_weights::WeightStorage;
 use super::ModelError;
 
 /// One generator read from a checkpoint, with the architecture its tensors imply.
@@ -110,6 +111,7 @@ pub fn import(
     y2x: Option<&Path>,
     domains: Domains,
     out: &Path,
+    storage: WeightStorage,
 ) -> Result<ImportReport, ModelError> {
     let mut sources = vec![(Direction::XtoY, x2y)];
     sources.extend(y2x.map(|p| (Direction::YtoX, p)));
@@ -120,7 +122,7 @@ pub fn import(
         generators.push((direction, path, generator));
         notes.extend(more);
     }
-    write(generators, domains, out, notes)
+    write(generators, domains, out, storage, notes)
 }
 
 /// Imports a checkpoint that holds both generators (or one) into a model file at `out`.
@@ -132,6 +134,7 @@ pub fn import_combined(
     swap: bool,
     domains: Domains,
     out: &Path,
+    storage: WeightStorage,
 ) -> Result<ImportReport, ModelError> {
     let fail = |reason: String| ModelError::Import { path: checkpoint.to_path_buf(), reason };
     let Found { mut generators, mut notes } = read(checkpoint)?;
@@ -160,7 +163,7 @@ pub fn import_combined(
         .zip(generators)
         .map(|(d, g)| (d, checkpoint, imported(g, checkpoint)))
         .collect();
-    write(generators, domains, out, notes)
+    write(generators, domains, out, storage, notes)
 }
 
 /// Whether the second of two generator prefixes is the X→Y one: `G` (ours) before `F`, and
@@ -183,6 +186,7 @@ fn write(
     generators: Vec<(Direction, &Path, ImportedGenerator)>,
     domains: Domains,
     out: &Path,
+    storage: WeightStorage,
     notes: Vec<String>,
 ) -> Result<ImportReport, ModelError> {
     let first = generators[0].2.config;
@@ -218,7 +222,7 @@ fn write(
     };
     let weights: BTreeMap<Direction, HashMap<String, Tensor>> =
         generators.into_iter().map(|(d, _, g)| (d, g.weights)).collect();
-    ModelFile::save(out, &metadata, &weights)?;
+    ModelFile::save(out, &metadata, &weights, storage)?;
     Ok(ImportReport { metadata, directions: weights.keys().copied().collect(), notes })
 }
 

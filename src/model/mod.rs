@@ -9,7 +9,8 @@
 //! - [`fast`]: a channels-last CPU executor for the generator, inference only;
 //! - [`gemm`]: the safe matrix product that [`conv`] and [`fast`] share; [`scratch`]: the work
 //!   buffers the training kernels reuse between calls;
-//! - [`file`](mod@file): the safetensors model file; [`import`]: PyTorch `.pth` checkpoints into it;
+//! - [`file`](mod@file): the safetensors model file, its weights stored as [`stored_weights`]
+//!   says; [`import`]: PyTorch `.pth` checkpoints into it;
 //! - here: [`Model`], a loaded file with a ready generator per direction, and [`ModelError`].
 
 pub mod checkpoint;
@@ -28,6 +29,7 @@ pub mod pickle;
 pub mod pixels;
 pub mod scratch;
 mod storage;
+pub mod stored_weights;
 mod winograd_train;
 
 use std::collections::BTreeMap;
@@ -40,6 +42,7 @@ pub use config::{DiscriminatorConfig, Family, GeneratorConfig};
 pub use discriminator::Discriminator;
 pub use file::{Direction, Domains, ModelFile, ModelMetadata};
 pub use generator::Generator;
+pub use stored_weights::WeightStorage;
 
 /// Everything that can be wrong with a model file or a checkpoint to import.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +71,10 @@ pub enum ModelError {
     NoGenerators,
     #[error("tensors do not match the architecture ({architecture}): {}", summarize(problems))]
     TensorMismatch { architecture: String, problems: Vec<String> },
-    #[error("tensor {tensor} is {dtype}; weights must be F32, F16 or BF16")]
+    #[error("tensor {tensor} is {dtype}; weights must be F32, F16, BF16 or I8 with F32/F16/BF16 scales")]
     UnsupportedDtype { tensor: String, dtype: String },
+    #[error("tensor {tensor} holds a scale that is not a finite number")]
+    NonFiniteScale { tensor: String },
     #[error("cannot map checkpoint {path}: {reason}")]
     Import { path: PathBuf, reason: String },
     #[error("cannot write {path}: {reason}")]

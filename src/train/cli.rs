@@ -18,7 +18,7 @@ use super::run::{checkpoint_path, run, HeldOutEval, RunOptions};
 use super::{TrainConfig, Trainer};
 use crate::device::DeviceSpec;
 use crate::logging::{init_logging_with_progress, LogArgs, ProgressOutput};
-use crate::model::{Direction, DiscriminatorConfig, Domains, Family, GeneratorConfig, Model};
+use crate::model::{Direction, DiscriminatorConfig, Domains, Family, GeneratorConfig, Model, WeightStorage};
 use candle_core::{Device, Tensor};
 
 /// The original CycleGAN recipe's 100 epochs at the initial rate, then 100 of decay.
@@ -177,9 +177,10 @@ struct ExportArgs {
     /// Domain names, X first: e.g. photo,painting.
     #[arg(long, value_parser = Domains::parse)]
     domains: Domains,
-    /// Store the weights as f16 (half the size; widened to f32 on load).
-    #[arg(long)]
-    half: bool,
+    /// How to store the weights: f32, f16 or bf16 (half the size), or int8 (a quarter: int8
+    /// convolution kernels with a scale per output channel). All are widened to f32 on load.
+    #[arg(long, default_value = "f32")]
+    storage: WeightStorage,
     /// Name the training data in the model file [default: what the run recorded].
     #[arg(long)]
     dataset_name: Option<String>,
@@ -205,7 +206,7 @@ pub fn main() -> ExitCode {
 }
 
 fn run_export(args: ExportArgs) -> anyhow::Result<()> {
-    let meta = export(&args.source, &args.out, args.domains, args.half, args.dataset_name)?;
+    let meta = export(&args.source, &args.out, args.domains, args.storage, args.dataset_name)?;
     println!("wrote {} ({} steps, {})", args.out.display(), meta.provenance["steps"], meta.architecture);
     Ok(())
 }

@@ -1,32 +1,26 @@
 //! `cycletrain export`: the serving model file (G and F only) from a run's checkpoint.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-
-use candle_core::{DType, Tensor};
 
 use super::provenance::dataset_label;
 use super::run::checkpoint_path;
 use super::trainer::{checkpoint_generators, CheckpointGenerators};
 use super::TrainConfig;
-use crate::model::{Direction, Domains, ModelFile, ModelMetadata};
+use crate::model::{Direction, Domains, ModelFile, ModelMetadata, WeightStorage};
 
-/// Writes `out` from a run directory or a checkpoint file; `half` stores f16 weights.
+/// Writes `out` from a run directory or a checkpoint file, its weights in `storage`.
 /// `dataset_name` replaces the name the run recorded for its data.
 pub fn export(
     source: &Path,
     out: &Path,
     domains: Domains,
-    half: bool,
+    storage: WeightStorage,
     dataset_name: Option<String>,
 ) -> anyhow::Result<ModelMetadata> {
     let checkpoint = if source.is_dir() { checkpoint_path(source) } else { source.to_path_buf() };
     let CheckpointGenerators { config, progress, g, f } = checkpoint_generators(&checkpoint)?;
-    let storage = if half { DType::F16 } else { DType::F32 };
-    let convert = |weights: HashMap<String, Tensor>| -> candle_core::Result<HashMap<String, Tensor>> {
-        weights.into_iter().map(|(k, v)| Ok((k, v.to_dtype(storage)?))).collect()
-    };
-    let generators = BTreeMap::from([(Direction::XtoY, convert(g)?), (Direction::YtoX, convert(f)?)]);
+    let generators = BTreeMap::from([(Direction::XtoY, g), (Direction::YtoX, f)]);
     let dataset = dataset_name.or_else(|| config.dataset.clone()).unwrap_or_else(|| {
         // A checkpoint from before runs named their data: name it from the run's folder now.
         let run_dir = checkpoint.parent().unwrap_or(Path::new("."));
@@ -39,7 +33,6 @@ pub fn export(
         ("steps", progress.global_step.to_string()),
         ("training_seconds", format!("{:.0}", progress.seconds)),
         ("recipe", recipe(&config)?),
-        ("storage", format!("{storage:?}").to_lowercase()),
         ("created", humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()),
     ];
     let metadata = ModelMetadata {
@@ -47,7 +40,7 @@ pub fn export(
         domains,
         provenance: provenance.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
     };
-    ModelFile::save(out, &metadata, &generators)?;
+    ModelFile::save(out, &metadata, &generators, storage)?;
     Ok(metadata)
 }
 

@@ -61,7 +61,8 @@ pub fn import_golden(out: &Path, directions: Directions) {
     let pth = golden("generator_upsample.pth");
     let y2x = matches!(directions, Directions::Both).then_some(pth.as_path());
     let domains = cycleserve::model::Domains::parse("photo,painting").unwrap();
-    cycleserve::model::import::import(&pth, y2x, domains, out).unwrap();
+    cycleserve::model::import::import(&pth, y2x, domains, out, cycleserve::model::WeightStorage::F32)
+        .unwrap();
 }
 
 /// A folder holding the golden upsample generator (both directions) as model `tiny`.
