@@ -22,9 +22,8 @@ pub const SCALE_SUFFIX: &str = "_scale";
 const INT8_MAX: f32 = 127.0;
 
 /// The storage a model file is written in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightStorage {
-    #[default]
     F32,
     F16,
     Bf16,
