@@ -34,8 +34,8 @@ use cycleserve::train::{TrainConfig, Trainer};
 struct Args {
     #[command(subcommand)]
     what: What,
-    /// cargo passes this to every bench target.
-    #[arg(long, hide = true)]
+    /// cargo passes this to every bench target, after the subcommand's own arguments.
+    #[arg(long, hide = true, global = true)]
     bench: bool,
 }
 
