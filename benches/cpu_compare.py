@@ -2,11 +2,13 @@
 """CPU inference: cycleserve vs PyTorch (f32, bf16 autocast, pure bf16) vs ONNX Runtime, same
 weights, same machine, same run.
 
-    python3 benches/cpu_compare.py [--threads 2] [--rounds 2]
+    python3 benches/cpu_compare.py [--threads 2] [--rounds 2] [--model FILE]
 
 Creates its own venv (target/bench-venv, versions pinned below), writes random published-size
 generators (ngf 64, 9 blocks, N(0, 0.02) weights) of both families as .pth, imports them with
-`cycleserve import`, and exports ONNX from PyTorch. Before any timing it runs every runtime on one
+`cycleserve import`, and exports ONNX from PyTorch. With `--model`, it measures that cycleserve
+model file's x2y generator (stored under `G.`) instead, its weights widened to f32 for PyTorch and
+ONNX Runtime as cycleserve widens them on load. Before any timing it runs every runtime on one
 input and checks the outputs agree: the f32 runtimes to 1e-3 of PyTorch f32, the bf16 ones within
 16 output levels (it prints the level agreement of each). Then it measures, interleaved round by
 round, ms/image of each runtime for each family at 256² and 512², batch 1 and 4 (best of 3 calls
@@ -19,6 +21,7 @@ op; `pure bf16` converts the module and input once.
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -86,6 +89,16 @@ if op.startswith("torch") or op == "prepare":
     torch.set_grad_enabled(False)
 
     def net(family):
+        source = cmd["nets"][family]["weights"]
+        if source:
+            from safetensors.torch import load_file
+            g = generator(family, source["ngf"], source["n_blocks"], source["norm_affine"]).eval()
+            stored = load_file(source["path"])
+            # int8 kernels carry a per-output-channel scale beside them (w = scale · q).
+            weights = {k[2:]: t.float() * stored.get(k + "_scale", torch.ones(())) for k, t in stored.items()
+                       if k.startswith("G.") and not k.endswith("_scale")}
+            g.load_state_dict(weights)
+            return g
         torch.manual_seed(0)
         g = generator(family, 64, 9, False).eval()
         for m in g.modules():
@@ -94,7 +107,7 @@ if op.startswith("torch") or op == "prepare":
         return g
 
 if op == "prepare":
-    for family in ("upsample", "transpose"):
+    for family in cmd["nets"]:
         g = net(family)
         torch.save(g.state_dict(), f"{cmd['work']}/{family}.pth")
         torch.onnx.export(g, torch.zeros(1, 3, 256, 256), f"{cmd['work']}/{family}.onnx", input_names=["x"],
@@ -135,37 +148,36 @@ def worker(cmd, env=None):
     return [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
 
 
-def ours(bench, family, size, batch, env, iters=3, files=None):
-    argv = [bench, "forward", "--model", f"{WORK}/{family}.safetensors", "--size", str(size), "--batch",
-            str(batch), "--iters", str(iters)]
+def ours(bench, model_file, size, batch, env, iters=3, files=None):
+    argv = [bench, "forward", "--model", model_file, "--size", str(size), "--batch", str(batch), "--iters", str(iters)]
     if files:
         argv += ["--input", files[0], "--output", files[1]]
     out = subprocess.check_output(argv, text=True, env=env, cwd=ROOT)
     return json.loads(out.strip().splitlines()[-1])["ms_per_image"]
 
 
-def measure(bench, runtime, family, size, batch, threads, env, iters=3, files=None):
+def measure(bench, runtime, nets, family, size, batch, threads, env, iters=3, files=None):
     if runtime == "cycleserve":
-        return ours(bench, family, size, batch, env, iters, files)
-    cmd = {"op": runtime, "work": WORK, "threads": threads, "family": family, "size": size, "batch": batch,
-           "iters": iters}
+        return ours(bench, nets[family]["file"], size, batch, env, iters, files)
+    cmd = {"op": runtime, "work": WORK, "threads": threads, "nets": nets, "family": family, "size": size,
+           "batch": batch, "iters": iters}
     if files:
         cmd.update(input=files[0], output=files[1])
     return worker(cmd, env)[-1]["ms_per_image"]
 
 
-def check_agreement(bench, threads, env):
+def check_agreement(bench, nets, threads, env):
     """Every runtime on one 256² input; fails unless the outputs agree."""
-    print("\nOutputs against PyTorch f32 on one 256² input (random N(0, 0.02) weights)\n")
+    print("\nOutputs against PyTorch f32 on one 256² input\n")
     print("| family | runtime | max abs | within ±1 level | max levels |")
     print("|---|---|---|---|---|")
-    for family in ("upsample", "transpose"):
+    for family in nets:
         x = f"{WORK}/agree_in.npy"
         subprocess.check_call([PY, "-c", "import numpy as np; np.save('%s', np.random.default_rng(1).uniform("
                                "-1, 1, (1, 3, 256, 256)).astype(np.float32))" % x])
         outputs = {rt: f"{WORK}/agree_{family}_{rt}.npy" for rt in RUNTIMES}
         for rt, path in outputs.items():
-            measure(bench, rt, family, 256, 1, threads, env, iters=1, files=(x, path))
+            measure(bench, rt, nets, family, 256, 1, threads, env, iters=1, files=(x, path))
         reference = outputs.pop("torch")
         for row in worker({"op": "compare", "reference": reference, "outputs": outputs}):
             rt = row["runtime"]
@@ -183,26 +195,47 @@ def peak_rss_kb(argv, env=None):
     return int(out.stderr.strip().splitlines()[-1])
 
 
+def model_header(path):
+    """The metadata of a cycleserve model file (safetensors: a u64 length, then a JSON header)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))["__metadata__"]
+
+
+def nets_to_measure(model):
+    """Per family: the cycleserve file, and the weights the other runtimes load (None: random)."""
+    if model is None:
+        return {family: {"file": f"{WORK}/{family}.safetensors", "weights": None}
+                for family in ("upsample", "transpose")}
+    meta = model_header(model)
+    weights = {"path": os.path.abspath(model), "ngf": int(meta["ngf"]), "n_blocks": int(meta["n_blocks"]),
+               "norm_affine": meta["norm_affine"] == "true"}
+    return {meta["family"]: {"file": model, "weights": weights}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--model", help="a cycleserve model file to measure instead of random published-size weights")
     args = ap.parse_args()
     ensure_venv()
     os.makedirs(WORK, exist_ok=True)
     server, bench = cycleserve_bin()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    worker({"op": "prepare", "work": WORK, "threads": args.threads}, env)
-    for family in ("upsample", "transpose"):
-        subprocess.check_call([server, "import", "--x2y", f"{WORK}/{family}.pth", "--domains", "x,y",
-                               "--out", f"{WORK}/{family}.safetensors"], stdout=subprocess.DEVNULL, env=env)
-    check_agreement(bench, args.threads, env)
+    nets = nets_to_measure(args.model)
+    worker({"op": "prepare", "work": WORK, "threads": args.threads, "nets": nets}, env)
+    if args.model is None:
+        for family in nets:
+            subprocess.check_call([server, "import", "--x2y", f"{WORK}/{family}.pth", "--domains", "x,y",
+                                   "--out", nets[family]["file"]], stdout=subprocess.DEVNULL, env=env)
+    check_agreement(bench, nets, args.threads, env)
 
-    configs = [(f, s, b) for f in ("upsample", "transpose") for s in (256, 512) for b in (1, 4)]
+    configs = [(f, s, b) for f in nets for s in (256, 512) for b in (1, 4)]
     best = {}
     for round_ in range(args.rounds):
         for family, size, batch in configs:
-            results = {rt: measure(bench, rt, family, size, batch, args.threads, env) for rt in RUNTIMES}
+            results = {rt: measure(bench, rt, nets, family, size, batch, args.threads, env) for rt in RUNTIMES}
             for rt, ms in results.items():
                 key = (family, size, batch, rt)
                 best[key] = min(best.get(key, float("inf")), ms)
@@ -222,15 +255,16 @@ def main():
     image = os.path.join(WORK, "big.png")
     subprocess.check_call([PY, "-c", "import numpy as np, PIL.Image as I; I.fromarray(np.random.default_rng(0)"
                            f".integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save('{image}')"])
-    print("\nPeak resident memory, one 1024×1024 image, upsample family (fresh process each, own library only)\n")
+    family = next(iter(nets))
+    print(f"\nPeak resident memory, one 1024×1024 image, {family} family (fresh process each, own library only)\n")
     print("| runtime | peak RSS |")
     print("|---|---|")
     rows = [("cycleserve translate (whole CLI: decode, network, encode)",
-             peak_rss_kb([server, "translate", "--device", "cpu", "--model", f"{WORK}/upsample.safetensors", image,
+             peak_rss_kb([server, "translate", "--device", "cpu", "--model", nets[family]["file"], image,
                           os.path.join(WORK, "big_out.png")], env))]
     for rt in RUNTIMES[1:]:
-        cmd = json.dumps({"op": rt, "work": WORK, "threads": args.threads, "family": "upsample", "size": 1024,
-                          "batch": 1, "iters": 1})
+        cmd = json.dumps({"op": rt, "work": WORK, "threads": args.threads, "nets": nets, "family": family,
+                          "size": 1024, "batch": 1, "iters": 1})
         rows.append((f"{LABELS[rt]} (network only)", peak_rss_kb([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), cmd],
                                                                  env)))
     for name, kb in rows:
