@@ -26,7 +26,7 @@ import sys
 # translated to photos still called painting.
 ISSUE_REFERENCE = [
     ("identity (untranslated)", 0.07, 0.93),
-    ("the shipped model (ngf 32, 3,108 steps)", 0.76, 0.62),
+    ("the model shipped before this one (ngf 32, 3,108 steps)", 0.76, 0.62),
     ("the GPU recipe (PyTorch, ngf 64, 9 blocks)", 0.97, 0.615),
 ]
 # Each direction's own held-out set, and the other domain's set (the identity-mapping control).
@@ -170,7 +170,8 @@ def judge_section(judge_dir):
 
 
 def lr_text(lr):
-    return "–" if lr is None else f"{lr:.0e}".replace("e-0", "e-")
+    """'2e-4', '1.5e-4', '6.7e-5': two significant digits, as a decaying schedule needs."""
+    return "–" if lr is None else f"{lr:.1e}".replace(".0e", "e").replace("e-0", "e-")
 
 
 def run_section(run_dir):

@@ -85,5 +85,13 @@ class CardTables(unittest.TestCase):
         self.assertIn("no section for 'run r1'", written.stderr)
 
 
+
+class LearningRates(unittest.TestCase):
+    def test_a_decaying_schedule_keeps_two_significant_digits(self):
+        sys.path.insert(0, os.path.dirname(SCRIPT))
+        from model_card_tables import lr_text
+        self.assertEqual([lr_text(lr) for lr in (2e-4, 1.5e-4, 2e-4 / 3, None)], ["2e-4", "1.5e-4", "6.7e-5", "–"])
+
+
 if __name__ == "__main__":
     unittest.main()
