@@ -85,7 +85,6 @@ class CardTables(unittest.TestCase):
         self.assertIn("no section for 'run r1'", written.stderr)
 
 
-
 class LearningRates(unittest.TestCase):
     def test_a_decaying_schedule_keeps_two_significant_digits(self):
         sys.path.insert(0, os.path.dirname(SCRIPT))
