@@ -26,7 +26,7 @@ use cycleserve::engine::codec::OutputFormat;
 use cycleserve::engine::observer::NoopObserver;
 use cycleserve::engine::{Engine, EngineConfig};
 use cycleserve::model::conv::{conv3x3_f32, Conv3x3Kernel, Conv3x3Product};
-use cycleserve::model::{Direction, Family, GeneratorConfig, Model};
+use cycleserve::model::{Direction, Executor, Family, GeneratorConfig, Model, Precision};
 use cycleserve::train::optim::AdamConfig;
 use cycleserve::train::{TrainConfig, Trainer};
 
@@ -37,6 +37,9 @@ struct Args {
     /// cargo passes this to every bench target, after the subcommand's own arguments.
     #[arg(long, hide = true, global = true)]
     bench: bool,
+    /// The CPU executor's arithmetic for `network`, `engine` and `forward`.
+    #[arg(long, global = true, value_enum, default_value = "f32")]
+    precision: Precision,
 }
 
 #[derive(Subcommand)]
@@ -118,11 +121,15 @@ struct TrainSetup {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Args::parse().what {
-        What::Network { model, size, batches, images } => network(&model, size, &batches, images),
-        What::Engine { model, image, callers, requests } => engine(&model, &image, &callers, requests),
+    let args = Args::parse();
+    let executor = Executor::choose(&Device::Cpu, args.precision)?;
+    match args.what {
+        What::Network { model, size, batches, images } => network(&model, executor, size, &batches, images),
+        What::Engine { model, image, callers, requests } => {
+            engine(&model, executor, &image, &callers, requests)
+        }
         What::Forward { model, size, batch, iters, input, output } => {
-            forward(&model, (size, batch, iters), input.as_deref(), output.as_deref())
+            forward(&model, executor, (size, batch, iters), input.as_deref(), output.as_deref())
         }
         What::Train { sizes, steps, ngf, blocks, weights, inputs, json } => {
             train(&sizes, (steps, ngf, blocks), TrainSetup { weights, inputs, json })
@@ -147,10 +154,20 @@ fn input(batch: usize, size: usize) -> anyhow::Result<Tensor> {
     Ok(Tensor::rand(-1f32, 1., (batch, 3, size, size), &Device::Cpu)?)
 }
 
-fn network(model: &Path, size: usize, batches: &[usize], images: usize) -> anyhow::Result<()> {
-    let model = Model::load(model, &Device::Cpu)?;
+fn network(
+    model: &Path,
+    executor: Executor,
+    size: usize,
+    batches: &[usize],
+    images: usize,
+) -> anyhow::Result<()> {
+    let model = Model::load_with(model, &Device::Cpu, executor)?;
     let arch = model.metadata.architecture;
-    println!("bare network, {arch:?}, {size}×{size}, {} threads", candle_core::utils::get_num_threads());
+    println!(
+        "bare network, {arch:?}, {size}×{size}, {}, {} threads",
+        executor.precision_name(),
+        candle_core::utils::get_num_threads()
+    );
     println!("| batch | ms/batch | ms/image | images/s |");
     println!("|---|---|---|---|");
     for &batch in batches {
@@ -172,7 +189,13 @@ fn network(model: &Path, size: usize, batches: &[usize], images: usize) -> anyho
     Ok(())
 }
 
-fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> anyhow::Result<()> {
+fn engine(
+    model: &Path,
+    executor: Executor,
+    image: &Path,
+    callers: &[usize],
+    requests: usize,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let bytes = Bytes::from(std::fs::read(image)?);
     println!("engine end to end, {}, {requests} requests per row", image.display());
@@ -188,6 +211,7 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
         let engine = Arc::new(Engine::new(
             vec![load_model(model)?],
             vec![Device::Cpu],
+            executor,
             config,
             Arc::new(NoopObserver),
         ));
@@ -242,11 +266,12 @@ fn engine(model: &Path, image: &Path, callers: &[usize], requests: usize) -> any
 
 fn forward(
     model: &Path,
+    executor: Executor,
     (size, batch, iters): (usize, usize, usize),
     given: Option<&Path>,
     output: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let model = Model::load(model, &Device::Cpu)?;
+    let model = Model::load_with(model, &Device::Cpu, executor)?;
     let x = match given {
         Some(path) => Tensor::read_npy(path)?,
         None => input(batch, size)?,

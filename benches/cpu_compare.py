@@ -34,9 +34,10 @@ PY = os.path.join(VENV, "bin", "python")
 PINNED = ["onnxruntime==1.32.0", "onnx==1.23.2", "onnxscript==0.7.2", "numpy==2.4.6", "safetensors==0.8.0",
           "pillow==13.0.0"]
 TORCH = "torch==2.15.0"
-RUNTIMES = ("cycleserve", "torch", "torch_autocast", "torch_bf16", "ort")
-LABELS = {"cycleserve": "cycleserve f32", "torch": "PyTorch f32", "torch_autocast": "PyTorch bf16 autocast",
-          "torch_bf16": "PyTorch pure bf16", "ort": "ONNX Runtime f32"}
+# cycleserve bf16 joins where the CPU has AMX (`amx_available`).
+RUNTIMES = ["cycleserve", "torch", "torch_autocast", "torch_bf16", "ort"]
+LABELS = {"cycleserve": "cycleserve f32", "cycleserve_bf16": "cycleserve bf16 (AMX)", "torch": "PyTorch f32",
+          "torch_autocast": "PyTorch bf16 autocast", "torch_bf16": "PyTorch pure bf16", "ort": "ONNX Runtime f32"}
 
 
 def ensure_venv():
@@ -148,8 +149,15 @@ def worker(cmd, env=None):
     return [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
 
 
-def ours(bench, model_file, size, batch, env, iters=3, files=None):
-    argv = [bench, "forward", "--model", model_file, "--size", str(size), "--batch", str(batch), "--iters", str(iters)]
+def amx_available(bench, model_file, env):
+    """Whether cycleserve's bf16 executor runs here (it needs AMX)."""
+    argv = [bench, "forward", "--precision", "bf16", "--model", model_file, "--size", "8", "--iters", "1"]
+    return subprocess.run(argv, capture_output=True, env=env, cwd=ROOT).returncode == 0
+
+
+def ours(bench, model_file, size, batch, env, iters=3, files=None, precision="f32"):
+    argv = [bench, "forward", "--precision", precision, "--model", model_file, "--size", str(size), "--batch",
+            str(batch), "--iters", str(iters)]
     if files:
         argv += ["--input", files[0], "--output", files[1]]
     out = subprocess.check_output(argv, text=True, env=env, cwd=ROOT)
@@ -157,8 +165,9 @@ def ours(bench, model_file, size, batch, env, iters=3, files=None):
 
 
 def measure(bench, runtime, nets, family, size, batch, threads, env, iters=3, files=None):
-    if runtime == "cycleserve":
-        return ours(bench, nets[family]["file"], size, batch, env, iters, files)
+    if runtime.startswith("cycleserve"):
+        precision = "bf16" if runtime == "cycleserve_bf16" else "f32"
+        return ours(bench, nets[family]["file"], size, batch, env, iters, files, precision)
     cmd = {"op": runtime, "work": WORK, "threads": threads, "nets": nets, "family": family, "size": size,
            "batch": batch, "iters": iters}
     if files:
@@ -229,6 +238,8 @@ def main():
         for family in nets:
             subprocess.check_call([server, "import", "--x2y", f"{WORK}/{family}.pth", "--domains", "x,y",
                                    "--out", nets[family]["file"]], stdout=subprocess.DEVNULL, env=env)
+    if amx_available(bench, next(iter(nets.values()))["file"], env):
+        RUNTIMES.insert(1, "cycleserve_bf16")
     check_agreement(bench, nets, args.threads, env)
 
     configs = [(f, s, b) for f in nets for s in (256, 512) for b in (1, 4)]
@@ -244,13 +255,14 @@ def main():
 
     print(f"\nCPU inference, ms/image (best of {args.rounds} interleaved rounds × 3 calls), {args.threads} threads\n")
     print("| family | size | batch | " + " | ".join(LABELS[rt] for rt in RUNTIMES) +
-          " | cycleserve / best PyTorch | cycleserve / ORT |")
+          " | fastest cycleserve / fastest PyTorch | fastest cycleserve / ORT |")
     print("|---|---|---|" + "---|" * (len(RUNTIMES) + 2))
     for family, size, batch in configs:
         ms = {rt: best[(family, size, batch, rt)] for rt in RUNTIMES}
         fastest_torch = min(ms["torch"], ms["torch_autocast"], ms["torch_bf16"])
+        fastest_ours = min(ms[rt] for rt in RUNTIMES if rt.startswith("cycleserve"))
         print(f"| {family} | {size}² | {batch} | " + " | ".join(f"{ms[rt]:.0f}" for rt in RUNTIMES) +
-              f" | {ms['cycleserve'] / fastest_torch:.2f} | {ms['cycleserve'] / ms['ort']:.2f} |")
+              f" | {fastest_ours / fastest_torch:.2f} | {fastest_ours / ms['ort']:.2f} |")
 
     image = os.path.join(WORK, "big.png")
     subprocess.check_call([PY, "-c", "import numpy as np, PIL.Image as I; I.fromarray(np.random.default_rng(0)"
@@ -259,10 +271,11 @@ def main():
     print(f"\nPeak resident memory, one 1024×1024 image, {family} family (fresh process each, own library only)\n")
     print("| runtime | peak RSS |")
     print("|---|---|")
-    rows = [("cycleserve translate (whole CLI: decode, network, encode)",
-             peak_rss_kb([server, "translate", "--device", "cpu", "--model", nets[family]["file"], image,
-                          os.path.join(WORK, "big_out.png")], env))]
-    for rt in RUNTIMES[1:]:
+    rows = [(f"cycleserve translate, {precision} (whole CLI: decode, network, encode)",
+             peak_rss_kb([server, "translate", "--device", "cpu", "--precision", precision, "--model",
+                          nets[family]["file"], image, os.path.join(WORK, "big_out.png")], env))
+            for precision in (["f32", "bf16"] if "cycleserve_bf16" in RUNTIMES else ["f32"])]
+    for rt in [rt for rt in RUNTIMES if not rt.startswith("cycleserve")]:
         cmd = json.dumps({"op": rt, "work": WORK, "threads": args.threads, "nets": nets, "family": family,
                           "size": 1024, "batch": 1, "iters": 1})
         rows.append((f"{LABELS[rt]} (network only)", peak_rss_kb([PY, "-c", WORKER, os.path.join(ROOT, "scripts"), cmd],

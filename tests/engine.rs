@@ -57,7 +57,7 @@ fn bytes_of(name: &str) -> Bytes {
 
 fn real_engine(dir: &Path, config: EngineConfig, observer: Arc<Recorder>) -> Engine {
     let loaded = load_model(&model_file(dir)).unwrap();
-    Engine::new(vec![loaded], vec![Device::Cpu], config, observer)
+    Engine::new(vec![loaded], vec![Device::Cpu], Executor::FastCpu, config, observer)
 }
 
 async fn wait_ready(engine: &Engine) {

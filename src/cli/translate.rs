@@ -27,7 +27,7 @@ use crate::engine::footprint::MemoryModel;
 use crate::engine::run_batch;
 use crate::logging::ProgressOutput;
 use crate::memory::{self, parse_bytes};
-use crate::model::{Direction, Executor, Model};
+use crate::model::{Direction, Executor, Model, Precision};
 use inputs::Plan;
 use pipeline::{Network, Report, Settings};
 
@@ -42,6 +42,10 @@ pub struct TranslateArgs {
     /// Where to run: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", env = "CYCLESERVE_DEVICE")]
     device: DeviceSpec,
+    /// The CPU's arithmetic: bf16 convolutions on AMX tiles, or f32; auto takes bf16 where the
+    /// CPU has AMX.
+    #[arg(long, env = "CYCLESERVE_PRECISION", value_enum, default_value = "auto")]
+    precision: Precision,
     /// Largest input accepted, in pixels (width × height).
     #[arg(long, default_value_t = codec::DecodeOptions::default().max_pixels)]
     max_pixels: u64,
@@ -72,12 +76,12 @@ pub fn run(args: TranslateArgs, progress: ProgressOutput) -> anyhow::Result<()> 
     if plan.jobs.is_empty() && plan.unlisted.is_empty() {
         tracing::warn!("no image files in the folders given");
     }
-    let (device, model, direction) = load(&args)?;
+    let (device, executor, model, direction) = load(&args)?;
     let budget = match args.memory_budget {
         Some(bytes) => bytes,
         None => memory::default_budget()?,
     };
-    let mut network = ModelNetwork::new(&model, direction, &device, budget);
+    let mut network = ModelNetwork::new(&model, direction, (&device, executor), budget);
     let settings = Settings {
         decode: codec::DecodeOptions { max_bytes: usize::MAX, max_pixels: args.max_pixels, max_side: None },
         format: args.format,
@@ -103,13 +107,14 @@ pub fn run(args: TranslateArgs, progress: ProgressOutput) -> anyhow::Result<()> 
     outcome(plan, report)
 }
 
-/// The device, the model on it, and the direction asked for.
-fn load(args: &TranslateArgs) -> anyhow::Result<(Device, Model, Direction)> {
+/// The device and executor, the model on them, and the direction asked for.
+fn load(args: &TranslateArgs) -> anyhow::Result<(Device, Executor, Model, Direction)> {
     let device = args.device.open()?;
-    let model = Model::load(&args.model, &device)?;
+    let executor = Executor::choose(&device, args.precision)?;
+    let model = Model::load_with(&args.model, &device, executor)?;
     let direction = model.metadata.domains.parse_direction(&args.direction).map_err(anyhow::Error::msg)?;
     model.ensure_direction(direction)?;
-    Ok((device, model, direction))
+    Ok((device, executor, model, direction))
 }
 
 /// Ok when every input was translated; otherwise an error listing each failure.
@@ -179,10 +184,15 @@ struct ModelNetwork<'a> {
 }
 
 impl<'a> ModelNetwork<'a> {
-    fn new(model: &'a Model, direction: Direction, device: &'a Device, budget: u64) -> Self {
+    fn new(
+        model: &'a Model,
+        direction: Direction,
+        (device, executor): (&'a Device, Executor),
+        budget: u64,
+    ) -> Self {
         let memory = MemoryModel {
             architecture: model.metadata.architecture,
-            executor: Executor::for_device(device),
+            executor,
             threads: rayon::current_num_threads(),
         };
         Self { model, direction, device, memory, budget }

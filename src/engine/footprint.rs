@@ -42,6 +42,9 @@ impl MemoryModel {
             Executor::FastCpu => {
                 fast::memory::forward_peak_bytes(&self.architecture, batch, h, w, self.threads)
             }
+            Executor::FastCpuBf16(_) => {
+                fast::memory::forward_peak_bytes_amx(&self.architecture, batch, h, w, self.threads)
+            }
             // The network runs in device memory; the host keeps the input and output tensors.
             Executor::Candle => 2 * tensor,
         };

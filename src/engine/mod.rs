@@ -197,18 +197,23 @@ impl Engine {
     pub fn new(
         models: Vec<(ModelInfo, ModelFile)>,
         devices: Vec<Device>,
+        executor: Executor,
         config: EngineConfig,
         observer: Arc<dyn Observer>,
     ) -> Self {
-        let executor = devices.first().map_or(Executor::FastCpu, Executor::for_device);
         let factories: Vec<RunnerFactory> = devices
             .into_iter()
             .map(|device| {
-                Box::new(move || Ok(Box::new(ModelRunner::new(device)) as Box<dyn BatchRunner>))
+                Box::new(move || Ok(Box::new(ModelRunner::new(device, executor)) as Box<dyn BatchRunner>))
                     as RunnerFactory
             })
             .collect();
         Self::with_runners(models, executor, factories, config, observer)
+    }
+
+    /// What runs the networks.
+    pub fn executor(&self) -> Executor {
+        self.executor
     }
 
     /// Starts one worker per runner factory, each loading every model; the runners stand for

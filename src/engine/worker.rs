@@ -21,7 +21,7 @@ use super::queue::{Computed, Entry, Queue, Taken, Work};
 use super::spans::BatchSpans;
 use super::versions::VersionId;
 use super::EngineError;
-use crate::model::{Direction, Model, ModelError, ModelFile};
+use crate::model::{Direction, Executor, Model, ModelError, ModelFile};
 
 /// Runs one direction of `model` on images that share a padded size and returns each result at
 /// its own input size. This is the whole numeric path; batching only decides what to group.
@@ -82,17 +82,18 @@ pub enum Command {
 pub struct ModelRunner {
     models: HashMap<VersionId, Model>,
     device: Device,
+    executor: Executor,
 }
 
 impl ModelRunner {
-    pub fn new(device: Device) -> Self {
-        Self { models: HashMap::new(), device }
+    pub fn new(device: Device, executor: Executor) -> Self {
+        Self { models: HashMap::new(), device, executor }
     }
 }
 
 impl BatchRunner for ModelRunner {
     fn load(&mut self, version: VersionId, file: ModelFile) -> Result<(), String> {
-        let model = Model::from_file(file, &self.device).map_err(|e| e.to_string())?;
+        let model = Model::from_file_with(file, &self.device, self.executor).map_err(|e| e.to_string())?;
         let probe = DecodedImage::from_rgb(image::RgbImage::from_pixel(32, 32, image::Rgb([128, 64, 192])));
         for direction in model.directions() {
             run_batch(&model, direction, &[&probe], &self.device)

@@ -15,6 +15,8 @@ pub struct ModelView {
     architecture: GeneratorConfig,
     parameters_per_generator: usize,
     device: String,
+    /// The arithmetic of the convolutions: `f32`, or `bf16` on AMX tiles.
+    precision: &'static str,
     sha256: String,
     size_bytes: u64,
     provenance: std::collections::BTreeMap<String, String>,
@@ -56,6 +58,7 @@ impl ModelView {
             architecture: info.metadata.architecture,
             parameters_per_generator: info.parameters_per_generator,
             device: device.to_string(),
+            precision: engine.executor().precision_name(),
             sha256: info.sha256.clone(),
             size_bytes: info.size_bytes,
             provenance: info.metadata.provenance.clone(),

@@ -13,6 +13,7 @@
 //!   says; [`import`]: PyTorch `.pth` checkpoints into it;
 //! - here: [`Model`], a loaded file with a ready generator per direction, and [`ModelError`].
 
+pub mod amx;
 pub mod checkpoint;
 pub mod config;
 pub mod conv;
@@ -81,6 +82,8 @@ pub enum ModelError {
     Write { path: PathBuf, reason: String },
     #[error("this model has no {direction} ({name}) generator")]
     MissingDirection { direction: Direction, name: String },
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -110,17 +113,56 @@ fn summarize(problems: &[String]) -> String {
 pub enum Executor {
     /// candle's ops, on any device (the reference, and what training uses).
     Candle,
-    /// The channels-last Winograd executor of [`fast`], CPU only.
+    /// The channels-last Winograd executor of [`fast`], CPU only, in f32.
     FastCpu,
+    /// [`fast`]'s executor on AMX tiles: bf16 convolution inputs and weights, f32 sums and
+    /// everything else in f32. Holds the proof that this CPU has AMX.
+    FastCpuBf16(amx::Amx),
+}
+
+/// The arithmetic of the CPU executor, as asked for on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// bf16 on CPUs with AMX, f32 on others.
+    #[default]
+    Auto,
+    F32,
+    /// bf16 convolutions on AMX tiles (an error on CPUs without AMX).
+    Bf16,
 }
 
 impl Executor {
-    /// The fast executor on the CPU, candle elsewhere.
+    /// The f32 fast executor on the CPU, candle elsewhere.
     pub fn for_device(device: &Device) -> Self {
         if device.is_cpu() {
             Self::FastCpu
         } else {
             Self::Candle
+        }
+    }
+
+    /// The executor for `device` in `precision`: bf16 only on a CPU with AMX, and precision
+    /// means nothing to candle on a GPU (it runs f32).
+    pub fn choose(device: &Device, precision: Precision) -> Result<Self, ModelError> {
+        let amx = amx::Amx::detect();
+        match (device.is_cpu(), precision, amx) {
+            (false, Precision::Bf16, _) => Err(ModelError::Unsupported(
+                "--precision bf16 runs on the CPU's AMX tiles; on a GPU the networks run in f32".into(),
+            )),
+            (false, _, _) => Ok(Self::Candle),
+            (true, Precision::F32, _) | (true, Precision::Auto, None) => Ok(Self::FastCpu),
+            (true, _, Some(amx)) => Ok(Self::FastCpuBf16(amx)),
+            (true, Precision::Bf16, None) => Err(ModelError::Unsupported(
+                "--precision bf16 needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later); this one has none".into(),
+            )),
+        }
+    }
+
+    /// The arithmetic it runs convolutions in, as reported to clients.
+    pub fn precision_name(&self) -> &'static str {
+        match self {
+            Self::Candle | Self::FastCpu => "f32",
+            Self::FastCpuBf16(_) => "bf16",
         }
     }
 }
@@ -129,6 +171,7 @@ impl Executor {
 enum Network {
     Candle(Box<Generator>),
     FastCpu(Box<fast::FastGenerator>),
+    FastCpuBf16(Box<fast::AmxGenerator>),
 }
 
 /// A loaded model: its metadata and a ready generator for each direction it has.
@@ -141,6 +184,10 @@ pub struct Model {
 impl Model {
     pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
         Self::from_file(ModelFile::load(path, device)?, device)
+    }
+
+    pub fn load_with(path: &Path, device: &Device, executor: Executor) -> Result<Self, ModelError> {
+        Self::from_file_with(ModelFile::load(path, device)?, device, executor)
     }
 
     /// Builds each generator with the best executor for `device`.
@@ -160,7 +207,10 @@ impl Model {
                 Executor::FastCpu if device.is_cpu() => {
                     Network::FastCpu(Box::new(fast::FastGenerator::new(config, &weights)?))
                 }
-                Executor::FastCpu => {
+                Executor::FastCpuBf16(amx) if device.is_cpu() => {
+                    Network::FastCpuBf16(Box::new(fast::AmxGenerator::new(amx, config, &weights)?))
+                }
+                Executor::FastCpu | Executor::FastCpuBf16(_) => {
                     return Err(
                         candle_core::Error::Msg("the fast executor runs on the CPU only".into()).into()
                     )
@@ -192,6 +242,7 @@ impl Model {
         Ok(match self.network(direction)? {
             Network::Candle(g) => g.forward(x)?,
             Network::FastCpu(g) => g.forward(x)?,
+            Network::FastCpuBf16(g) => g.forward(x)?,
         })
     }
 }

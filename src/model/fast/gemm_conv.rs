@@ -69,8 +69,92 @@ impl GemmConv {
         phases
     }
 
+    /// Nearest ×2 upsampling followed by a 3×3 convolution with zero padding 1, from PyTorch's
+    /// [cout, cin, 3, 3] weight, as four 2×2 convolutions of the input padded by one zero pixel
+    /// all round, one per output phase (row parity, column parity, convolution). Output row 2m
+    /// reads upsampled rows 2m−1, 2m and 2m+1, that is input rows m−1 (kernel row 0) and m (rows
+    /// 1 and 2); row 2m+1 reads input rows m (kernel rows 0 and 1) and m+1 (row 2). Columns
+    /// likewise. 4 taps instead of 9 per output pixel.
+    pub fn upsample_phases(
+        weight: &[f32],
+        bias: &[f32],
+        cin: usize,
+        cout: usize,
+    ) -> Vec<(usize, usize, Self)> {
+        // Per parity: (offset in the padded input, the kernel rows that land there).
+        type Landing = (usize, &'static [usize]);
+        let per_parity: [[Landing; 2]; 2] = [[(0, &[0]), (1, &[1, 2])], [(1, &[0, 1]), (2, &[2])]];
+        let mut phases = Vec::new();
+        for (a, rows) in per_parity.iter().enumerate() {
+            for (b, cols) in per_parity.iter().enumerate() {
+                let mut taps = Vec::new();
+                let mut packed = vec![0f32; 4 * cin * cout];
+                for &(dy, kys) in rows {
+                    for &(dx, kxs) in cols {
+                        let t = taps.len();
+                        taps.push((dy, dx));
+                        for i in 0..cin {
+                            for o in 0..cout {
+                                let kernel = |(ky, kx): (usize, usize)| {
+                                    weight[((o * cin + i) * 3 + ky) * 3 + kx] as f64
+                                };
+                                let landing = kys.iter().flat_map(|&ky| kxs.iter().map(move |&kx| (ky, kx)));
+                                packed[(t * cin + i) * cout + o] = landing.map(kernel).sum::<f64>() as f32;
+                            }
+                        }
+                    }
+                }
+                phases.push((a, b, Self { taps, stride: 1, cin, cout, weight: packed, bias: bias.to_vec() }));
+            }
+        }
+        phases
+    }
+
+    /// The same stride-1 convolution over an input whose pixels carry their `k` right-hand
+    /// neighbours' channels too (see [`super::nhwc::fold_columns_bf16`]): one tap per kernel
+    /// row, `k·cin` channels. For a layer with few channels (the 3-channel stem) that makes a
+    /// depth worth a tile's without padding every pixel's channels.
+    pub fn folded_columns(&self) -> Self {
+        assert_eq!(self.stride, 1, "folding columns needs stride 1");
+        let k = self.extent().1 + 1;
+        assert_eq!(self.taps.len(), k * k, "folding columns needs a whole square kernel");
+        let (cin, cout) = (self.cin, self.cout);
+        let mut weight = vec![0f32; self.weight.len()];
+        for (t, &(dy, dx)) in self.taps.iter().enumerate() {
+            for c in 0..cin {
+                let folded = (dy * k + dx) * cin + c;
+                weight[folded * cout..(folded + 1) * cout]
+                    .copy_from_slice(&self.weight[(t * cin + c) * cout..][..cout]);
+            }
+        }
+        let taps = (0..k).map(|dy| (dy, 0)).collect();
+        Self { taps, stride: 1, cin: k * cin, cout, weight, bias: self.bias.clone() }
+    }
+
     pub fn cout(&self) -> usize {
         self.cout
+    }
+
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Input offsets (row, column) of the taps, in the order of the weight's rows.
+    pub fn taps(&self) -> &[(usize, usize)] {
+        &self.taps
+    }
+
+    /// [taps·cin, cout], rows in tap order.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
     }
 
     fn extent(&self) -> (usize, usize) {

@@ -14,6 +14,8 @@
 //! - `winograd`: the 3×3 stride-1 convolutions;
 //! - here: [`FastGenerator`], which packs a generator's weights and runs its layers in order.
 
+mod amx_conv;
+mod amx_generator;
 mod gemm_conv;
 pub mod memory;
 mod nhwc;
@@ -25,6 +27,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::config::{Family, GeneratorConfig, GeneratorLayer};
+pub use amx_generator::AmxGenerator;
 use gemm_conv::GemmConv;
 use nhwc::{instance_norm, pad, upsample2x_zero_pad1, After, Border, Nhwc};
 use winograd::WinogradConv;
@@ -52,75 +55,41 @@ pub struct FastGenerator {
 impl FastGenerator {
     /// Builds the executor from PyTorch-named weights (as a model file holds them).
     pub fn new(config: GeneratorConfig, weights: &HashMap<String, Tensor>) -> Result<Self> {
-        let get = |name: &str| -> Result<Vec<f32>> {
-            match weights.get(name) {
-                Some(t) => t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>(),
-                None => candle_core::bail!("missing weight {name}"),
-            }
-        };
-        // Key names come from the config, so they cannot drift from the candle network's.
-        let weight = |layer: GeneratorLayer| get(&format!("{}.weight", config.conv_key(layer)));
-        let bias = |layer: GeneratorLayer| get(&format!("{}.bias", config.conv_key(layer)));
-        let norm = |layer: GeneratorLayer| -> Result<NormParams> {
-            match config.norm_key(layer).filter(|_| config.norm_affine) {
-                Some(key) => Ok(Some((get(&format!("{key}.weight"))?, get(&format!("{key}.bias"))?))),
-                None => Ok(None),
-            }
-        };
-        let conv = |layer: GeneratorLayer, stride: usize| -> Result<GemmConv> {
-            let [cout, cin, k, _] = config.weight_shape(layer);
-            Ok(GemmConv::conv(&weight(layer)?, &bias(layer)?, cout, cin, k, stride))
-        };
+        let source = LayerSource { config, weights };
         let winograd = |layer: GeneratorLayer| -> Result<WinogradConv> {
             let (cin, cout) = config.channels(layer);
-            Ok(WinogradConv::new(&weight(layer)?, &bias(layer)?, cout, cin))
+            Ok(WinogradConv::new(&source.weight(layer)?, &source.bias(layer)?, cout, cin))
         };
-        let stem = (conv(GeneratorLayer::Stem, 1)?, norm(GeneratorLayer::Stem)?);
-        let down =
-            |i| -> Result<_> { Ok((conv(GeneratorLayer::Down(i), 2)?, norm(GeneratorLayer::Down(i))?)) };
         let blocks = (0..config.n_blocks)
             .map(|block| -> Result<_> {
                 let layer = |conv| GeneratorLayer::Block { block, conv };
-                Ok([(winograd(layer(0))?, norm(layer(0))?), (winograd(layer(1))?, norm(layer(1))?)])
+                Ok([
+                    (winograd(layer(0))?, source.norm(layer(0))?),
+                    (winograd(layer(1))?, source.norm(layer(1))?),
+                ])
             })
             .collect::<Result<Vec<_>>>()?;
         let up_stage = |stage: usize| -> Result<(Upsampling, NormParams)> {
             let layer = GeneratorLayer::Up(stage);
             let upsampling = match config.family {
                 Family::Upsample => Upsampling::Nearest(winograd(layer)?),
-                Family::Transpose => {
-                    let (cin, cout) = config.channels(layer);
-                    Upsampling::Transposed(GemmConv::transposed_phases(
-                        &weight(layer)?,
-                        &bias(layer)?,
-                        cin,
-                        cout,
-                    ))
-                }
+                Family::Transpose => Upsampling::Transposed(source.up_phases(stage)?),
             };
-            Ok((upsampling, norm(layer)?))
+            Ok((upsampling, source.norm(layer)?))
         };
         Ok(Self {
-            stem,
-            down: [down(0)?, down(1)?],
+            stem: source.stem()?,
+            down: [source.down(0)?, source.down(1)?],
             blocks,
             up: [up_stage(0)?, up_stage(1)?],
-            head: conv(GeneratorLayer::Head, 1)?,
+            head: source.head()?,
         })
     }
 
     /// Maps an NCHW f32 batch in [-1, 1] on the CPU to the other domain. The buffers it
     /// allocates, in order, are what [`memory::forward_peak_bytes`] accounts for.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        if c != 3 {
-            candle_core::bail!("the generator takes 3 channels, got {c}")
-        }
-        let input = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let image = Nhwc::from_nchw(&input, n, c, h, w);
-        drop(input);
-        let out = self.run(image);
-        Tensor::from_vec(out.to_nchw(), (n, 3, out.h, out.w), x.device())
+        forward_channels_last(x, |image| self.run(image))
     }
 
     fn run(&self, image: Nhwc) -> Nhwc {
@@ -145,7 +114,14 @@ impl FastGenerator {
         for (upsampling, params) in &self.up {
             let up = match upsampling {
                 Upsampling::Nearest(conv) => conv.forward(&upsample2x_zero_pad1(&h)),
-                Upsampling::Transposed(phases) => transposed(&h, phases),
+                Upsampling::Transposed(phases) => {
+                    // Each phase makes every fourth output pixel from the input padded by one zero
+                    // row and column at the bottom and right.
+                    let padded = pad(&h, 0, 1, Border::Zero);
+                    let outputs =
+                        phases.iter().map(|(a, b, conv)| (*a, *b, conv.forward_sized(&padded, h.h, h.w)));
+                    interleave_phases(h.n, 2 * h.h, 2 * h.w, phases[0].2.cout(), outputs)
+                }
             };
             h = norm_relu(up, params);
         }
@@ -159,21 +135,97 @@ fn affine(params: &NormParams) -> Option<(&[f32], &[f32])> {
     params.as_ref().map(|(g, b)| (g.as_slice(), b.as_slice()))
 }
 
-/// The stride-2 transposed convolution: each phase computes every fourth output pixel from the
-/// input padded by one zero row and column at the bottom and right.
-fn transposed(x: &Nhwc, phases: &[(usize, usize, GemmConv)]) -> Nhwc {
-    let padded = pad(x, 0, 1, Border::Zero);
-    let cout = phases[0].2.cout();
-    let (h, w) = (2 * x.h, 2 * x.w);
-    let mut out = Nhwc::zeros(x.n, h, w, cout);
-    for (a, b, conv) in phases {
-        let phase = conv.forward_sized(&padded, x.h, x.w);
-        out.data.par_chunks_mut(w * cout).enumerate().filter(|(row, _)| (row % h) % 2 == *a).for_each(
+/// The NCHW-tensor wrapper of a channels-last pass: input copied to N×H×W×3, output back.
+fn forward_channels_last(x: &Tensor, run: impl FnOnce(Nhwc) -> Nhwc) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if c != 3 {
+        candle_core::bail!("the generator takes 3 channels, got {c}")
+    }
+    let input = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let image = Nhwc::from_nchw(&input, n, c, h, w);
+    drop(input);
+    let out = run(image);
+    Tensor::from_vec(out.to_nchw(), (n, 3, out.h, out.w), x.device())
+}
+
+/// Where a generator's layers come from: PyTorch-named weights, keyed by the names the config
+/// gives, so they cannot drift from the candle network's.
+struct LayerSource<'a> {
+    config: GeneratorConfig,
+    weights: &'a HashMap<String, Tensor>,
+}
+
+impl LayerSource<'_> {
+    fn get(&self, name: &str) -> Result<Vec<f32>> {
+        match self.weights.get(name) {
+            Some(t) => t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>(),
+            None => candle_core::bail!("missing weight {name}"),
+        }
+    }
+
+    fn weight(&self, layer: GeneratorLayer) -> Result<Vec<f32>> {
+        self.get(&format!("{}.weight", self.config.conv_key(layer)))
+    }
+
+    fn bias(&self, layer: GeneratorLayer) -> Result<Vec<f32>> {
+        self.get(&format!("{}.bias", self.config.conv_key(layer)))
+    }
+
+    fn norm(&self, layer: GeneratorLayer) -> Result<NormParams> {
+        match self.config.norm_key(layer).filter(|_| self.config.norm_affine) {
+            Some(key) => Ok(Some((self.get(&format!("{key}.weight"))?, self.get(&format!("{key}.bias"))?))),
+            None => Ok(None),
+        }
+    }
+
+    fn conv(&self, layer: GeneratorLayer, stride: usize) -> Result<GemmConv> {
+        let [cout, cin, k, _] = self.config.weight_shape(layer);
+        Ok(GemmConv::conv(&self.weight(layer)?, &self.bias(layer)?, cout, cin, k, stride))
+    }
+
+    fn stem(&self) -> Result<(GemmConv, NormParams)> {
+        Ok((self.conv(GeneratorLayer::Stem, 1)?, self.norm(GeneratorLayer::Stem)?))
+    }
+
+    fn down(&self, i: usize) -> Result<(GemmConv, NormParams)> {
+        Ok((self.conv(GeneratorLayer::Down(i), 2)?, self.norm(GeneratorLayer::Down(i))?))
+    }
+
+    fn head(&self) -> Result<GemmConv> {
+        self.conv(GeneratorLayer::Head, 1)
+    }
+
+    /// An upsampling stage as four sub-pixel phases: the transposed convolution's own (input
+    /// padded by one zero at the bottom and right), or nearest ×2 + 3×3 convolution folded into
+    /// 2×2 kernels (input padded by one zero all round).
+    fn up_phases(&self, stage: usize) -> Result<Vec<(usize, usize, GemmConv)>> {
+        let layer = GeneratorLayer::Up(stage);
+        let (cin, cout) = self.config.channels(layer);
+        let (weight, bias) = (self.weight(layer)?, self.bias(layer)?);
+        Ok(match self.config.family {
+            Family::Transpose => GemmConv::transposed_phases(&weight, &bias, cin, cout),
+            Family::Upsample => GemmConv::upsample_phases(&weight, &bias, cin, cout),
+        })
+    }
+}
+
+/// Assembles an `h`×`w` output from its four phases, (row parity, column parity, the phase's
+/// (h/2)×(w/2) pixels), each consumed (and freed) before the next is made.
+fn interleave_phases(
+    n: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    phases: impl Iterator<Item = (usize, usize, Nhwc)>,
+) -> Nhwc {
+    let mut out = Nhwc::zeros(n, h, w, cout);
+    for (a, b, phase) in phases {
+        out.data.par_chunks_mut(w * cout).enumerate().filter(|(row, _)| (row % h) % 2 == a).for_each(
             |(row, line)| {
                 let (s, m) = (row / h, (row % h) / 2);
-                let src = &phase.data[s * phase.sample_len() + m * x.w * cout..][..x.w * cout];
-                for (n, pixel) in src.chunks(cout).enumerate() {
-                    line[(2 * n + b) * cout..(2 * n + b + 1) * cout].copy_from_slice(pixel);
+                let src = &phase.data[s * phase.sample_len() + m * phase.w * cout..][..phase.w * cout];
+                for (x, pixel) in src.chunks(cout).enumerate() {
+                    line[(2 * x + b) * cout..(2 * x + b + 1) * cout].copy_from_slice(pixel);
                 }
             },
         );
@@ -216,10 +268,13 @@ mod tests {
                 .unwrap();
         let fast = FastGenerator::new(config, &weights).unwrap();
         let x = Tensor::rand(-1f32, 1., shape, &Device::Cpu).unwrap();
-        let (ours, theirs) = (fast.forward(&x).unwrap(), reference.forward(&x).unwrap());
+        relative_l2(&fast.forward(&x).unwrap(), &reference.forward(&x).unwrap())
+    }
+
+    fn relative_l2(ours: &Tensor, theirs: &Tensor) -> f64 {
         assert_eq!(ours.dims(), theirs.dims());
         let diff =
-            (ours - &theirs).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            (ours - theirs).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         let norm = theirs.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
         (diff / norm).sqrt()
     }
@@ -238,6 +293,62 @@ mod tests {
             let err = check(config, shape);
             println!("{config:?} {shape:?}: relative L2 {err:.2e}");
             assert!(err < 1e-5, "{config:?} {shape:?}: relative L2 {err:e}");
+        }
+    }
+
+    /// The folded 2×2 phases of nearest ×2 + 3×3 convolution give the unfolded layer's output.
+    #[test]
+    fn upsampling_phases_match_upsampling_then_convolving() {
+        let (cin, cout, h, w) = (5, 7, 6, 9);
+        let weight: Vec<f32> = (0..cout * cin * 9).map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0).collect();
+        let bias: Vec<f32> = (0..cout).map(|i| i as f32 / 10.0).collect();
+        let x = Nhwc {
+            n: 2,
+            h,
+            w,
+            c: cin,
+            data: (0..2 * h * w * cin).map(|i| ((i * 53) % 31) as f32 / 15.0 - 1.0).collect(),
+        };
+        let expected = GemmConv::conv(&weight, &bias, cout, cin, 3, 1).forward(&upsample2x_zero_pad1(&x));
+        let padded = pad(&x, 1, 1, Border::Zero);
+        let phases = GemmConv::upsample_phases(&weight, &bias, cin, cout);
+        let got = interleave_phases(
+            2,
+            2 * h,
+            2 * w,
+            cout,
+            phases.iter().map(|(a, b, c)| (*a, *b, c.forward_sized(&padded, h, w))),
+        );
+        let worst = got.data.iter().zip(&expected.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst < 1e-5, "largest difference {worst:e}");
+    }
+
+    /// The AMX executor against the candle generator (f32) on the same random weights: bf16
+    /// inputs to every convolution cost about three significant decimal digits.
+    #[test]
+    fn the_amx_executor_matches_the_candle_generator_to_bf16_precision() {
+        let Some(amx) = crate::model::amx::Amx::detect() else {
+            eprintln!("no AMX on this machine: the AMX executor is not exercised");
+            return;
+        };
+        let cases = [
+            (Family::Upsample, false, 2, (1, 3, 32, 32)),
+            (Family::Upsample, true, 1, (2, 3, 28, 44)),
+            (Family::Transpose, false, 3, (2, 3, 36, 20)),
+            (Family::Transpose, true, 2, (1, 3, 52, 24)),
+            (Family::Upsample, false, 0, (3, 3, 8, 12)),
+        ];
+        for (family, norm_affine, n_blocks, shape) in cases {
+            let config = GeneratorConfig { family, ngf: 16, n_blocks, norm_affine };
+            let weights = random_weights(config, true);
+            let reference =
+                Generator::new(config, VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu))
+                    .unwrap();
+            let amx = AmxGenerator::new(amx, config, &weights).unwrap();
+            let x = Tensor::rand(-1f32, 1., shape, &Device::Cpu).unwrap();
+            let err = relative_l2(&amx.forward(&x).unwrap(), &reference.forward(&x).unwrap());
+            println!("{config:?} {shape:?}: relative L2 {err:.2e}");
+            assert!(err < 2e-2, "{config:?} {shape:?}: relative L2 {err:e}");
         }
     }
 
