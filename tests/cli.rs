@@ -48,6 +48,34 @@ fn imported_checkpoints_translate_like_pytorch() {
     }
 }
 
+/// The bf16 executor against the same PyTorch f32 references, on the golden random weights
+/// (which move more under bf16 than trained ones); on a CPU without AMX, asking for bf16 is a
+/// clear error and auto falls back to f32.
+#[test]
+fn bf16_translations_stay_within_a_few_levels_of_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let amx = cycleserve::model::amx::Amx::detect().is_some();
+    for family in ["upsample", "transpose_affine"] {
+        let pth = golden(&format!("generator_{family}.pth"));
+        let model = dir.path().join(format!("{family}.safetensors"));
+        assert!(import(&pth, Some(&pth), &model).status.success());
+        let result = dir.path().join(format!("{family}.png"));
+        let out = translate_photo_in(&model, "painting2photo", "bf16", &result);
+        if !amx {
+            assert!(!out.status.success());
+            assert!(stderr(&out).contains("needs a CPU with AMX-BF16"), "{}", stderr(&out));
+            assert!(translate_photo_in(&model, "painting2photo", "auto", &result).status.success());
+            continue;
+        }
+        assert!(out.status.success(), "{}", stderr(&out));
+        let reference = fixture(&format!("reference/{family}_y2x_photo_250x198.png"));
+        let (close, max) = agreement(&result, &reference);
+        println!("{family}: {:.2} % within ±1 level, at most {max}", close * 100.);
+        assert!(close >= 0.97, "{family}: only {:.3} % within ±1 (max diff {max})", close * 100.);
+        assert!(max <= 8, "{family}: max diff {max}");
+    }
+}
+
 #[test]
 fn command_line_errors_are_clear_and_fail() {
     let dir = tempfile::tempdir().unwrap();

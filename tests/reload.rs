@@ -19,7 +19,7 @@ use cycleserve::engine::footprint::MemoryModel;
 use cycleserve::engine::reload::{Reloader, Trigger};
 use cycleserve::engine::worker::{BatchRunner, RunnerFactory};
 use cycleserve::engine::{run_batch, Engine, EngineConfig, EngineError, Target};
-use cycleserve::model::{Direction, Domains, Executor, Model, ModelFile, WeightStorage};
+use cycleserve::model::{Direction, Domains, Executor, Model, ModelFile, Precision, WeightStorage};
 use image::DynamicImage;
 use reqwest::header::CONTENT_TYPE;
 use reqwest::Client;
@@ -368,9 +368,11 @@ impl Expected {
         Self { input, outputs: HashMap::new() }
     }
 
-    /// Runs `file` on the input here, on its own, and remembers the result under its checksum.
+    /// Runs `file` on the input here, on its own, with the executor the server picks by default,
+    /// and remembers the result under its checksum.
     fn learn(&mut self, file: &Path) -> String {
-        let model = Model::load(file, &Device::Cpu).unwrap();
+        let executor = Executor::choose(&Device::Cpu, Precision::Auto).unwrap();
+        let model = Model::load_with(file, &Device::Cpu, executor).unwrap();
         let decoded = codec::decode(&self.input, &DecodeOptions::default()).unwrap();
         let output = run_batch(&model, Direction::XtoY, &[&decoded], &Device::Cpu).unwrap().remove(0);
         let sha = sha(file);

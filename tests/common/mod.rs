@@ -82,10 +82,22 @@ pub fn agreement(a: &Path, b: &Path) -> (f64, u8) {
     (close as f64 / diffs.len() as f64, *diffs.iter().max().unwrap())
 }
 
-/// `cycleserve translate` of the odd-sized photo fixture with `model` on the CPU into `result`.
+/// `cycleserve translate` of the odd-sized photo fixture with `model` on the CPU, in f32 (what
+/// the PyTorch references are compared with), into `result`.
 pub fn translate_photo(model: &Path, direction: &str, result: &Path) -> std::process::Output {
+    translate_photo_in(model, direction, "f32", result)
+}
+
+/// [`translate_photo`] in `precision` (`f32`, `bf16` or `auto`).
+pub fn translate_photo_in(
+    model: &Path,
+    direction: &str,
+    precision: &str,
+    result: &Path,
+) -> std::process::Output {
     let photo = fixture("photo_250x198.png");
     let args = ["translate", "--model", model.to_str().unwrap(), "--direction", direction, "--device", "cpu"];
+    let args = [&args[..], &["--precision", precision]].concat();
     let mut args = args.to_vec();
     args.extend([photo.to_str().unwrap(), result.to_str().unwrap()]);
     run_binary(env!("CARGO_BIN_EXE_cycleserve"), &args)
