@@ -16,8 +16,9 @@ for job in "photo2painting testA" "painting2photo testB" "photo2painting testB" 
     read -r direction input <<<"$job"
     out="$work/$input-$direction"
     rm -rf "$out"
-    "$cycleserve" translate --model "$model" --direction "$direction" --device cpu --out-dir "$out" \
-        "$data/$input" >&2
+    # f32, as the card's scores were made: on AMX machines the default would be bf16
+    "$cycleserve" translate --model "$model" --direction "$direction" --device cpu --precision f32 \
+        --out-dir "$out" "$data/$input" >&2
     "$python" "$here/painting_judge.py" score --model "$name" --model-file "$model" \
         --direction "$direction" --input "$input" "$out"
 done
