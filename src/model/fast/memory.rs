@@ -62,17 +62,8 @@ pub fn forward_peak_bytes(config: &GeneratorConfig, n: usize, h: usize, w: usize
         threads * WinogradConv::scratch_floats(cin, cout, oh, ow) * F32
     };
 
-    // `forward`: the caller's tensor, a flat copy of it, and the channels-last image.
-    let input = act(n, h, w, 3);
-    ledger.alloc(input);
-    ledger.alloc(input);
-    ledger.alloc(input);
-    ledger.free(input);
-
-    // Stem: reflection pad 3, 7×7 convolution.
-    let padded = act(n, h + 6, w + 6, 3);
-    ledger.alloc(padded);
-    ledger.free(input);
+    // Stem: 7×7 convolution.
+    let padded = reflect_padded_input(&mut ledger, n, h, w);
     let mut current = act(n, h, w, ngf);
     ledger.alloc(current);
     ledger.transient(gemm_scratch(49, 3));
@@ -150,6 +141,21 @@ pub fn forward_peak_bytes(config: &GeneratorConfig, n: usize, h: usize, w: usize
     ledger.peak
 }
 
+/// Both executors' start: the caller's tensor, a flat copy of it and the channels-last image,
+/// then the stem's reflection padding by 3 (in f32), which leaves the caller's tensor and the
+/// padded image. Returns the padded image's size, for the caller to free.
+fn reflect_padded_input(ledger: &mut Ledger, n: usize, h: usize, w: usize) -> usize {
+    let input = act(n, h, w, 3);
+    ledger.alloc(input);
+    ledger.alloc(input);
+    ledger.alloc(input);
+    ledger.free(input);
+    let padded = act(n, h + 6, w + 6, 3);
+    ledger.alloc(padded);
+    ledger.free(input);
+    padded
+}
+
 /// [`forward_peak_bytes`] for the AMX executor. Each convolution reads a bf16 copy of its input
 /// (channels padded to 32s) and writes f32; each norm writes the next convolution's bf16 input
 /// while its own f32 activation is still held; the upsampling stages write their phases straight
@@ -159,17 +165,8 @@ pub fn forward_peak_bytes_amx(config: &GeneratorConfig, n: usize, h: usize, w: u
     let mut ledger = Ledger::default();
     let block = threads * std::mem::size_of::<Block>();
 
-    // `forward`: the caller's tensor, a flat copy of it, and the channels-last image.
-    let input = act(n, h, w, 3);
-    ledger.alloc(input);
-    ledger.alloc(input);
-    ledger.alloc(input);
-    ledger.free(input);
-
-    // Stem: reflection pad 3 in f32, then the copy with each pixel's 7 columns side by side.
-    let padded = act(n, h + 6, w + 6, 3);
-    ledger.alloc(padded);
-    ledger.free(input);
+    // Stem: the f32 padded image's copy with each pixel's 7 columns side by side.
+    let padded = reflect_padded_input(&mut ledger, n, h, w);
     let mut next = bf16_act(n, h + 6, w, 7 * 3);
     ledger.alloc(next);
     ledger.free(padded);

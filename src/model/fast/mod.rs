@@ -279,16 +279,18 @@ mod tests {
         (diff / norm).sqrt()
     }
 
+    /// Family, affine norm, residual blocks and input shape: odd sizes, batches, no blocks.
+    const GENERATOR_CASES: [(Family, bool, usize, (usize, usize, usize, usize)); 5] = [
+        (Family::Upsample, false, 2, (1, 3, 32, 32)),
+        (Family::Upsample, true, 1, (2, 3, 28, 44)),
+        (Family::Transpose, false, 3, (2, 3, 36, 20)),
+        (Family::Transpose, true, 2, (1, 3, 52, 24)),
+        (Family::Upsample, false, 0, (3, 3, 8, 12)),
+    ];
+
     #[test]
     fn matches_the_candle_generator_on_random_shapes() {
-        let cases = [
-            (Family::Upsample, false, 2, (1, 3, 32, 32)),
-            (Family::Upsample, true, 1, (2, 3, 28, 44)),
-            (Family::Transpose, false, 3, (2, 3, 36, 20)),
-            (Family::Transpose, true, 2, (1, 3, 52, 24)),
-            (Family::Upsample, false, 0, (3, 3, 8, 12)),
-        ];
-        for (family, norm_affine, n_blocks, shape) in cases {
+        for (family, norm_affine, n_blocks, shape) in GENERATOR_CASES {
             let config = GeneratorConfig { family, ngf: 8, n_blocks, norm_affine };
             let err = check(config, shape);
             println!("{config:?} {shape:?}: relative L2 {err:.2e}");
@@ -331,14 +333,7 @@ mod tests {
             eprintln!("no AMX on this machine: the AMX executor is not exercised");
             return;
         };
-        let cases = [
-            (Family::Upsample, false, 2, (1, 3, 32, 32)),
-            (Family::Upsample, true, 1, (2, 3, 28, 44)),
-            (Family::Transpose, false, 3, (2, 3, 36, 20)),
-            (Family::Transpose, true, 2, (1, 3, 52, 24)),
-            (Family::Upsample, false, 0, (3, 3, 8, 12)),
-        ];
-        for (family, norm_affine, n_blocks, shape) in cases {
+        for (family, norm_affine, n_blocks, shape) in GENERATOR_CASES {
             let config = GeneratorConfig { family, ngf: 16, n_blocks, norm_affine };
             let weights = random_weights(config, true);
             let reference =

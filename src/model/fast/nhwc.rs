@@ -197,6 +197,16 @@ pub enum After<'a> {
     Residual(&'a Nhwc),
 }
 
+impl<'a> After<'a> {
+    /// Sample `s`'s part of the residual to add, if any.
+    fn residual_of(&self, s: usize, sample_len: usize) -> Option<&'a [f32]> {
+        match self {
+            After::Residual(r) => Some(&r.data[s * sample_len..(s + 1) * sample_len]),
+            After::Relu => None,
+        }
+    }
+}
+
 /// Pixels per partial sum of the instance-norm statistics. Fixed, so that how the sums are
 /// split, and therefore their rounding, depends neither on the thread count nor on the batch;
 /// small, so that even the 64×64 planes of the residual blocks spread over 16 threads.
@@ -211,10 +221,7 @@ pub fn instance_norm(x: &mut Nhwc, affine: Option<(&[f32], &[f32])>, after: Afte
     for s in 0..x.n {
         let data = &mut x.data[s * sample_len..(s + 1) * sample_len];
         let norm = Coefficients::of(data, c, affine);
-        let residual = match after {
-            After::Residual(r) => Some(&r.data[s * sample_len..(s + 1) * sample_len]),
-            After::Relu => None,
-        };
+        let residual = after.residual_of(s, sample_len);
         let chunk = NORM_CHUNK_PIXELS * c;
         data.par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
             let res = residual.map(|r| &r[i * chunk..i * chunk + part.len()]);
@@ -242,10 +249,7 @@ pub fn instance_norm_bf16(
     for s in 0..x.n {
         let data = &mut x.data[s * sample_len..(s + 1) * sample_len];
         let norm = Coefficients::of(data, c, affine);
-        let residual = match after {
-            After::Residual(r) => Some(&r.data[s * sample_len..(s + 1) * sample_len]),
-            After::Relu => None,
-        };
+        let residual = after.residual_of(s, sample_len);
         let rows = &mut out.data[s * out_sample..(s + 1) * out_sample];
         let (_, interior) = rows.split_at_mut(before * out_w * channels);
         interior.par_chunks_mut(out_w * channels).zip(data.par_chunks_mut(w * c)).enumerate().for_each(
