@@ -46,7 +46,10 @@ impl Amx {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn request_tile_state() -> bool {
     // CPUID leaf 7, sub-leaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
-    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    // SAFETY: every x86_64 CPU has CPUID. The intrinsic is safe in current Rust and an `unsafe
+    // fn` in the toolchains our `rust-version` still admits, hence the block and the allow.
+    #[allow(unused_unsafe)]
+    let leaf = unsafe { std::arch::x86_64::__cpuid_count(7, 0) };
     if leaf.edx & (1 << 22) == 0 || leaf.edx & (1 << 24) == 0 {
         return false;
     }
@@ -235,6 +238,36 @@ pub enum Sums<'a> {
     Matrix { data: &'a mut [f32], offset: usize, row_stride: usize },
 }
 
+/// [`multiply`]'s checks, made before any tile instruction: the shapes agree, every tile it
+/// loads lies inside its slice, and every accumulator it stores inside the destination. Returns
+/// the destination, the element offsets of the four accumulators in it, and its row stride.
+fn checked_destination<'c, const M: usize, const N: usize>(
+    a: &ATiles<'_>,
+    a_starts: [usize; M],
+    b: &PackedB,
+    b_tiles: [usize; N],
+    sums: Sums<'c>,
+) -> (&'c mut [f32], [usize; 4], usize) {
+    assert!((1..=2).contains(&M) && (1..=2).contains(&N), "blocks are 1 or 2 tiles a side");
+    assert_eq!(a.steps.len(), b.k_tiles(), "left-hand steps against right-hand depth");
+    assert!(!a.steps.is_empty(), "a product of depth 0");
+    assert!(a_starts.iter().all(|&s| a.fits(s)), "tile rows past the left-hand slice");
+    assert!(b_tiles.iter().all(|&t| t < b.n_tiles()), "right-hand column tile out of range");
+    match sums {
+        Sums::Block(block) => {
+            (block.as_mut_slice(), [0, ACC_VALUES, 2 * ACC_VALUES, 3 * ACC_VALUES], TILE_ROWS)
+        }
+        Sums::Matrix { data, offset, row_stride } => {
+            let tile_row = TILE_ROWS * row_stride;
+            let last = offset + (M - 1) * tile_row + (TILE_ROWS - 1) * row_stride + N * TILE_ROWS;
+            assert!(row_stride >= N * TILE_ROWS && last <= data.len(), "sums past their destination");
+            // Tiles past M or N are never stored; their offsets repeat a real one.
+            let at = |i: usize, j: usize| offset + i.min(M - 1) * tile_row + j.min(N - 1) * TILE_ROWS;
+            (data, [at(0, 0), at(0, 1), at(1, 0), at(1, 1)], row_stride)
+        }
+    }
+}
+
 /// The sums of `A·B` over all of B's depth (plus B's bias, if it has one), for `M` row tiles of
 /// A (starting at `a_starts`) and `N` column tiles of B (`b_tiles`), `M` and `N` each 1 or 2.
 /// Panics, before any tile is loaded, if a row would be read from outside A's slice or written
@@ -247,25 +280,7 @@ pub fn multiply<const M: usize, const N: usize>(
     b_tiles: [usize; N],
     sums: Sums<'_>,
 ) {
-    assert!((1..=2).contains(&M) && (1..=2).contains(&N), "blocks are 1 or 2 tiles a side");
-    assert_eq!(a.steps.len(), b.k_tiles(), "left-hand steps against right-hand depth");
-    assert!(!a.steps.is_empty(), "a product of depth 0");
-    assert!(a_starts.iter().all(|&s| a.fits(s)), "tile rows past the left-hand slice");
-    assert!(b_tiles.iter().all(|&t| t < b.n_tiles()), "right-hand column tile out of range");
-    // Element offsets of the four accumulators in the destination, and its row stride.
-    let (c, c_offsets, c_stride) = match sums {
-        Sums::Block(block) => {
-            (block.as_mut_slice(), [0, ACC_VALUES, 2 * ACC_VALUES, 3 * ACC_VALUES], TILE_ROWS)
-        }
-        Sums::Matrix { data, offset, row_stride } => {
-            let tile_row = TILE_ROWS * row_stride;
-            let last = offset + (M - 1) * tile_row + (TILE_ROWS - 1) * row_stride + N * TILE_ROWS;
-            assert!(row_stride >= N * TILE_ROWS && last <= data.len(), "sums past their destination");
-            // Tiles past M or N are never stored; their offsets repeat a real one.
-            let at = |i: usize, j: usize| offset + i.min(M - 1) * tile_row + j.min(N - 1) * TILE_ROWS;
-            (data, [at(0, 0), at(0, 1), at(1, 0), at(1, 1)], row_stride)
-        }
-    };
+    let (c, c_offsets, c_stride) = checked_destination::<M, N>(a, a_starts, b, b_tiles, sums);
     configure_tiles(amx);
     let a_stride = (a.row_stride * 2) as isize;
     let b_stride = (TILE_ROWS * 2 * 2) as isize;
@@ -501,23 +516,20 @@ mod tests {
     #[test]
     #[should_panic(expected = "tile rows past the left-hand slice")]
     fn a_tile_past_its_slice_is_refused() {
-        let Some(amx) = Amx::detect() else { panic!("tile rows past the left-hand slice (no AMX here)") };
         let b = PackedB::from_rows(&[1.0; 32 * 16], 32, 16);
         let a = vec![0u16; 16 * 32 - 1];
         let tiles = ATiles::new(&a, 32, &[0]);
-        multiply::<1, 1>(amx, &tiles, [0], &b, [0], Sums::Block(&mut [0.0; 4 * ACC_VALUES]));
+        checked_destination::<1, 1>(&tiles, [0], &b, [0], Sums::Block(&mut [0.0; 4 * ACC_VALUES]));
     }
 
     #[test]
     #[should_panic(expected = "sums past their destination")]
     fn sums_past_their_destination_are_refused() {
-        let Some(amx) = Amx::detect() else { panic!("sums past their destination (no AMX here)") };
         let b = PackedB::from_rows(&[1.0; 32 * 32], 32, 32);
         let a = vec![0u16; 16 * 32];
         let tiles = ATiles::new(&a, 32, &[0]);
         let mut matrix = vec![0f32; 16 * 32 - 1];
-        multiply::<1, 2>(
-            amx,
+        checked_destination::<1, 2>(
             &tiles,
             [0],
             &b,

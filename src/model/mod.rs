@@ -121,10 +121,9 @@ pub enum Executor {
 }
 
 /// The arithmetic of the CPU executor, as asked for on the command line.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     /// bf16 on CPUs with AMX, f32 on others.
-    #[default]
     Auto,
     F32,
     /// bf16 convolutions on AMX tiles (an error on CPUs without AMX).
@@ -144,15 +143,18 @@ impl Executor {
     /// The executor for `device` in `precision`: bf16 only on a CPU with AMX, and precision
     /// means nothing to candle on a GPU (it runs f32).
     pub fn choose(device: &Device, precision: Precision) -> Result<Self, ModelError> {
-        let amx = amx::Amx::detect();
-        match (device.is_cpu(), precision, amx) {
-            (false, Precision::Bf16, _) => Err(ModelError::Unsupported(
-                "--precision bf16 runs on the CPU's AMX tiles; on a GPU the networks run in f32".into(),
-            )),
-            (false, _, _) => Ok(Self::Candle),
-            (true, Precision::F32, _) | (true, Precision::Auto, None) => Ok(Self::FastCpu),
-            (true, _, Some(amx)) => Ok(Self::FastCpuBf16(amx)),
-            (true, Precision::Bf16, None) => Err(ModelError::Unsupported(
+        if !device.is_cpu() {
+            return match precision {
+                Precision::Bf16 => Err(ModelError::Unsupported(
+                    "--precision bf16 runs on the CPU's AMX tiles; on a GPU the networks run in f32".into(),
+                )),
+                Precision::Auto | Precision::F32 => Ok(Self::Candle),
+            };
+        }
+        match (precision, amx::Amx::detect()) {
+            (Precision::F32, _) | (Precision::Auto, None) => Ok(Self::FastCpu),
+            (_, Some(amx)) => Ok(Self::FastCpuBf16(amx)),
+            (Precision::Bf16, None) => Err(ModelError::Unsupported(
                 "--precision bf16 needs a CPU with AMX-BF16 (Intel Sapphire Rapids or later); this one has none".into(),
             )),
         }

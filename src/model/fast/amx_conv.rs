@@ -60,19 +60,11 @@ impl AmxConv {
 
     /// Output size for an input of `h`×`w`.
     pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let dy = self.taps.iter().map(|t| t.0).max().unwrap_or(0);
-        let dx = self.taps.iter().map(|t| t.1).max().unwrap_or(0);
-        ((h - dy - 1) / self.stride + 1, (w - dx - 1) / self.stride + 1)
+        super::gemm_conv::output_size(&self.taps, self.stride, h, w)
     }
 
     pub fn forward(&self, amx: Amx, x: &Bf16Nhwc) -> Nhwc {
         let (out_h, out_w) = self.output_size(x.h, x.w);
-        self.forward_sized(amx, x, out_h, out_w)
-    }
-
-    /// Computes only the first `out_h`×`out_w` outputs (a phase of a transposed or upsampling
-    /// convolution makes as many outputs as its unpadded input has pixels).
-    pub fn forward_sized(&self, amx: Amx, x: &Bf16Nhwc, out_h: usize, out_w: usize) -> Nhwc {
         let mut y = Nhwc::zeros(x.n, out_h, out_w, self.cout);
         let row_len = out_w * self.cout;
         y.data.par_chunks_mut(row_len).enumerate().for_each_init(
@@ -186,7 +178,7 @@ mod tests {
         (0..len).map(|i| f32_of(bf16((((i + seed) * 2654435761) % 4096) as f32 / 2048.0 - 1.0))).collect()
     }
 
-    /// Both A paths (rows read in place, 32-channel multiples; gathered patches otherwise), every
+    /// Channel counts that are and are not multiples of 32 (the bf16 copy pads them), every
     /// block shape (runs of ≤ 16 and 17–31 pixels, odd column tiles), strides 1 and 2.
     #[test]
     fn matches_the_f32_convolution_of_the_same_bf16_values_on_odd_shapes() {

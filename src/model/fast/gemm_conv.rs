@@ -116,7 +116,7 @@ impl GemmConv {
     /// depth worth a tile's without padding every pixel's channels.
     pub fn folded_columns(&self) -> Self {
         assert_eq!(self.stride, 1, "folding columns needs stride 1");
-        let k = self.extent().1 + 1;
+        let k = self.taps.iter().map(|t| t.1).max().map_or(1, |dx| dx + 1);
         assert_eq!(self.taps.len(), k * k, "folding columns needs a whole square kernel");
         let (cin, cout) = (self.cin, self.cout);
         let mut weight = vec![0f32; self.weight.len()];
@@ -157,16 +157,9 @@ impl GemmConv {
         &self.bias
     }
 
-    fn extent(&self) -> (usize, usize) {
-        let dy = self.taps.iter().map(|t| t.0).max().unwrap_or(0);
-        let dx = self.taps.iter().map(|t| t.1).max().unwrap_or(0);
-        (dy, dx)
-    }
-
     /// Output size for an input of `h`×`w`.
     pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let (dy, dx) = self.extent();
-        ((h - dy - 1) / self.stride + 1, (w - dx - 1) / self.stride + 1)
+        output_size(&self.taps, self.stride, h, w)
     }
 
     pub fn forward(&self, x: &Nhwc) -> Nhwc {
@@ -246,4 +239,12 @@ impl GemmConv {
             }
         }
     }
+}
+
+/// Output size of a convolution with these (row, column) tap offsets and stride over an `h`×`w`
+/// input.
+pub fn output_size(taps: &[(usize, usize)], stride: usize, h: usize, w: usize) -> (usize, usize) {
+    let dy = taps.iter().map(|t| t.0).max().unwrap_or(0);
+    let dx = taps.iter().map(|t| t.1).max().unwrap_or(0);
+    ((h - dy - 1) / stride + 1, (w - dx - 1) / stride + 1)
 }

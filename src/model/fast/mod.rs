@@ -279,8 +279,11 @@ mod tests {
         (diff / norm).sqrt()
     }
 
-    /// Family, affine norm, residual blocks and input shape: odd sizes, batches, no blocks.
-    const GENERATOR_CASES: [(Family, bool, usize, (usize, usize, usize, usize)); 5] = [
+    /// Family, affine norm, residual blocks and input shape (N, C, H, W).
+    type GeneratorCase = (Family, bool, usize, (usize, usize, usize, usize));
+
+    /// Odd sizes, batches, and a generator without residual blocks.
+    const GENERATOR_CASES: [GeneratorCase; 5] = [
         (Family::Upsample, false, 2, (1, 3, 32, 32)),
         (Family::Upsample, true, 1, (2, 3, 28, 44)),
         (Family::Transpose, false, 3, (2, 3, 36, 20)),
