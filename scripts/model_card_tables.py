@@ -8,6 +8,8 @@
 Sections sit between `<!-- BEGIN generated: NAME -->` and `<!-- END generated: NAME -->`:
 - `judge`: the painting judge (models/judge/: judge.json, scores.jsonl, robustness.jsonl, from
   scripts/painting_judge.py and scripts/judge_model.sh) and issue 19's reference figures;
+- `selection`, where models/judge/selection.jsonl exists (scripts/select_checkpoint.sh): a run's
+  candidate checkpoints and the one chosen by the judge on training images;
 - `run RUN` for each models/runs/RUN/ holding a cycletrain run's eval.jsonl and losses.jsonl
   (or losses.jsonl.gz): held-out cycle/identity errors and a training summary.
 --write and --check need the card to have the markers of every section; where they go is up to
@@ -26,7 +28,7 @@ import sys
 # translated to photos still called painting.
 ISSUE_REFERENCE = [
     ("identity (untranslated)", 0.07, 0.93),
-    ("the model shipped before this one (ngf 32, 3,108 steps)", 0.76, 0.62),
+    ("the default model when issue 19 was filed (ngf 32, 3,108 steps)", 0.76, 0.62),
     ("the GPU recipe (PyTorch, ngf 64, 9 blocks)", 0.97, 0.615),
 ]
 # Each direction's own held-out set, and the other domain's set (the identity-mapping control).
@@ -166,6 +168,46 @@ def judge_section(judge_dir):
     return "\n".join(out)
 
 
+def selection_section(judge_dir):
+    """The candidates of scripts/select_checkpoint.sh and the one chosen: the most training photos
+    translated to paintings called painting (then the higher mean probability, then the later
+    candidate). The held-out columns are shown, not used."""
+    rows = read_jsonl(os.path.join(judge_dir, "selection.jsonl"))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+
+    def find(name, direction, prefix):
+        return next((r for r in rows if r["model"] == name and r["direction"] == direction
+                     and r["input"].startswith(prefix)), None)
+
+    def rank(item):
+        index, name = item
+        r = find(name, "photo2painting", "train")
+        return (r["called_painting"], r["mean_probability"], index)
+
+    chosen = max(enumerate(names), key=rank)[1]
+    out = [
+        "Candidates, judged on every 10th training image in name order (the photos through "
+        "photo → painting, the paintings through painting → photo), which chose the model, and on "
+        "the held-out images, which did not:",
+        "",
+    ]
+    body = []
+    for name in names:
+        cells = [name]
+        for direction, prefix in (("photo2painting", "train"), ("painting2photo", "train"),
+                                  ("photo2painting", "test"), ("painting2photo", "test")):
+            r = find(name, direction, prefix)
+            cells += [called(r), f"{r['mean_probability']:.2f}"] if r else ["–", "–"]
+        if name == chosen:
+            cells = [f"**{c}**" for c in cells]
+            cells[0] = f"**{name} (chosen)**"
+        body.append(cells)
+    out.append(table(["candidate", "training photos → painting: called painting", "mean p",
+                      "training paintings → photo: called painting", "mean p",
+                      "held-out photo → painting", "mean p", "held-out painting → photo", "mean p"], body))
+    return "\n".join(out)
+
+
 # ---- a training run ----------------------------------------------------------------------------
 
 
@@ -228,6 +270,8 @@ def run_section(run_dir):
 
 def sections(judge_dir, runs_dir):
     out = {"judge": judge_section(judge_dir)}
+    if os.path.exists(os.path.join(judge_dir, "selection.jsonl")):
+        out["selection"] = selection_section(judge_dir)
     if os.path.isdir(runs_dir):
         for name in sorted(os.listdir(runs_dir)):
             if os.path.isdir(os.path.join(runs_dir, name)):

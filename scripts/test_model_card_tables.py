@@ -85,6 +85,24 @@ class CardTables(unittest.TestCase):
         self.assertIn("no section for 'run r1'", written.stderr)
 
 
+    def test_the_choice_follows_the_training_images_not_the_held_out_ones(self):
+        def rows(name, train, test):
+            return [{"model": name, "direction": "photo2painting", "input": "trainA-every-10th", "n": 10,
+                     "called_painting": train, "mean_probability": train},
+                    {"model": name, "direction": "photo2painting", "input": "testA", "n": 4,
+                     "called_painting": test, "mean_probability": test}]
+        write_jsonl(os.path.join(self.judge, "selection.jsonl"),
+                    rows("step 1", 0.5, 1.0) + rows("step 2", 0.7, 0.25) + rows("step 3", 0.7, 0.5))
+        with open(self.card, "a") as f:
+            f.write("<!-- BEGIN generated: selection -->\n<!-- END generated: selection -->\n")
+        self.assertEqual(self.tables("--write", self.card).returncode, 0)
+        with open(self.card) as f:
+            text = f.read()
+        # step 2 and 3 tie on the training photos: the later one is chosen, whatever held-out says
+        self.assertIn("| **step 3 (chosen)** | **0.70 (7/10)** | **0.70** | **–** | **–** | **0.50 (2/4)** |", text)
+        self.assertIn("| step 1 | 0.50 (5/10) | 0.50 | – | – | 1.00 (4/4) | 1.00 | – | – |", text)
+
+
 class LearningRates(unittest.TestCase):
     def test_a_decaying_schedule_keeps_two_significant_digits(self):
         sys.path.insert(0, os.path.dirname(SCRIPT))
