@@ -182,6 +182,8 @@ def selection_section(judge_dir):
     def rank(item):
         index, name = item
         r = find(name, "photo2painting", "train")
+        if r is None:
+            raise SystemExit(f"error: selection.jsonl has no training-photo verdicts for '{name}'")
         return (r["called_painting"], r["mean_probability"], index)
 
     chosen = max(enumerate(names), key=rank)[1]
