@@ -84,7 +84,6 @@ class CardTables(unittest.TestCase):
         self.assertEqual(written.returncode, 1)
         self.assertIn("no section for 'run r1'", written.stderr)
 
-
     def test_the_choice_follows_the_training_images_not_the_held_out_ones(self):
         def rows(name, train, test):
             return [{"model": name, "direction": "photo2painting", "input": "trainA-every-10th", "n": 10,
