@@ -348,6 +348,7 @@ fn train(
             lambda_identity: 0.5,
             pool_size: 50,
             seed: 0,
+            init_generators: None,
         };
         let mut trainer = match &weights {
             Some((path, weights)) => {

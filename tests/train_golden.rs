@@ -56,6 +56,7 @@ fn golden_config() -> TrainConfig {
         lambda_identity: f("lambda_identity"),
         pool_size: 50,
         seed: 0,
+        init_generators: None,
     }
 }
 

@@ -263,6 +263,96 @@ fn export_serves_and_bad_setups_fail_clearly() {
     assert!(stderr(&out).contains("cannot read checkpoint"), "{}", stderr(&out));
 }
 
+#[test]
+fn a_run_can_start_its_generators_from_a_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let first = dir.path().join("first");
+    train(&data, &first, &["--max-steps", "2"]);
+    let model = dir.path().join("start.safetensors");
+    let out = cycletrain(&[
+        "export",
+        first.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--domains",
+        "photo,painting",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // At a learning rate of 0 no step moves a weight, so the checkpoint shows where each
+    // network started: G and F from the file, the discriminators from the seed.
+    let at_rest = ["--max-steps", "1", "--lr", "0", "--seed", "7"];
+    let started = dir.path().join("started");
+    train(&data, &started, &[&at_rest[..], &["--init-generators", model.to_str().unwrap()]].concat());
+    let from_seed = dir.path().join("from-seed");
+    train(&data, &from_seed, &at_rest);
+    let (started, from_seed) = (checkpoint(&started), checkpoint(&from_seed));
+    let file = candle_core::safetensors::load(&model, &Device::Cpu).unwrap();
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let (mut generators, mut discriminators) = (0, 0);
+    for (name, weight) in &started {
+        match name.split('.').next().unwrap() {
+            "G" | "F" => {
+                assert_eq!(max_diff(weight, &file[name]), 0.0, "{name}");
+                generators += 1;
+            }
+            "D_X" | "D_Y" => {
+                assert_eq!(max_diff(weight, &from_seed[name]), 0.0, "{name}");
+                discriminators += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(generators, file.len());
+    assert!(discriminators > 0);
+    assert!(max_diff(&started["G.model.1.weight"], &from_seed["G.model.1.weight"]) > 0.0);
+
+    // The recipe names the file by name and content, and the exported model carries it.
+    let state = checkpoint_state(&dir.path().join("started/checkpoint.safetensors"));
+    let init = &state["config"]["init_generators"];
+    assert_eq!(init["file"], "start.safetensors");
+    assert_eq!(init["sha256"], cycleserve::engine::catalog::sha256_hex(&std::fs::read(&model).unwrap()));
+    assert_eq!(init["steps"], 2);
+    assert!(checkpoint_state(&first.join("checkpoint.safetensors"))["config"]
+        .get("init_generators")
+        .is_none());
+
+    // A file of another architecture is refused before anything is written.
+    let wrong = dir.path().join("wrong");
+    let out = cycletrain(&[
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        wrong.to_str().unwrap(),
+        "--ngf",
+        "8",
+        "--blocks",
+        "1",
+        "--device",
+        "cpu",
+        "--init-generators",
+        model.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains("holds upsample family, ngf 4, 1 blocks"), "{message}");
+    assert!(message.contains("asks for upsample family, ngf 8, 1 blocks"), "{message}");
+    assert!(!wrong.exists());
+    let out = cycletrain(&[
+        "--init-generators",
+        data.join("trainA/0.png").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        wrong.to_str().unwrap(),
+    ]);
+    assert!(stderr(&out).contains("cannot start the generators from it"), "{}", stderr(&out));
+}
+
 /// The training state a checkpoint holds besides tensors.
 fn checkpoint_state(path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path).unwrap();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use super::config::GeneratorInit;
 use super::data::Dataset;
 use super::eval::{write_grid, EvalSet};
 use super::export::export;
@@ -17,8 +18,11 @@ use super::provenance::dataset_label;
 use super::run::{checkpoint_path, run, HeldOutEval, RunOptions};
 use super::{TrainConfig, Trainer};
 use crate::device::DeviceSpec;
+use crate::engine::catalog::load_model;
 use crate::logging::{init_logging_with_progress, LogArgs, ProgressOutput};
-use crate::model::{Direction, DiscriminatorConfig, Domains, Family, GeneratorConfig, Model, WeightStorage};
+use crate::model::{
+    Direction, DiscriminatorConfig, Domains, Family, GeneratorConfig, Model, ModelFile, WeightStorage,
+};
 use candle_core::{Device, Tensor};
 
 /// The original CycleGAN recipe's 100 epochs at the initial rate, then 100 of decay.
@@ -165,6 +169,11 @@ struct TrainArgs {
     /// Seeds initialisation, data order, augmentation and the image pools.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Start G and F from this model file's weights instead of the seed's random ones (the
+    /// discriminators, optimiser moments and image pools start fresh). Its architecture must be
+    /// the one --family, --ngf and --blocks ask for; its name and SHA-256 go into the recipe.
+    #[arg(long, conflicts_with = "resume")]
+    init_generators: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -282,7 +291,11 @@ fn resume_run(dir: &Path, args: &TrainArgs, device: &Device) -> anyhow::Result<S
 fn new_run(args: &TrainArgs, device: &Device) -> anyhow::Result<Setup> {
     let run_dir = args.out.clone().context("--out is required")?;
     let mut config = config_from_args(args)?;
-    // The data is checked before the run directory is made.
+    // The starting weights and the data are checked before the run directory is made.
+    let start = match &args.init_generators {
+        Some(path) => Some(read_generators(path, &config.generator)?),
+        None => None,
+    };
     let dataset = open_dataset(&config)?;
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let lock = RunLock::acquire(&run_dir)?;
@@ -290,7 +303,38 @@ fn new_run(args: &TrainArgs, device: &Device) -> anyhow::Result<Setup> {
         Some(name) => name.clone(),
         None => dataset_label(&config.x_dir, &config.y_dir, &run_dir),
     });
-    Ok(Setup { trainer: Trainer::new(config, device)?, run_dir, lock, dataset })
+    config.init_generators = start.as_ref().map(|(init, _)| init.clone());
+    let trainer = Trainer::new(config, device)?;
+    if let Some((_, file)) = &start {
+        trainer.nets.load_network("G", &file.generators[&Direction::XtoY])?;
+        trainer.nets.load_network("F", &file.generators[&Direction::YtoX])?;
+    }
+    Ok(Setup { trainer, run_dir, lock, dataset })
+}
+
+/// The model file `--init-generators` names, checked to hold both generators of `architecture`.
+fn read_generators(
+    path: &Path,
+    architecture: &GeneratorConfig,
+) -> anyhow::Result<(GeneratorInit, ModelFile)> {
+    let (info, file) = load_model(path).with_context(|| "cannot start the generators from it")?;
+    if info.metadata.architecture != *architecture {
+        bail!(
+            "{} holds {} generators; this run asks for {architecture} (set --family, --ngf and \
+             --blocks to match)",
+            path.display(),
+            info.metadata.architecture
+        );
+    }
+    if info.directions.len() != 2 {
+        bail!("{} holds only one generator; a run needs both G and F", path.display());
+    }
+    let init = GeneratorInit {
+        file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        sha256: info.sha256,
+        steps: info.metadata.provenance.get("steps").and_then(|s| s.parse().ok()),
+    };
+    Ok((init, file))
 }
 
 fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
@@ -329,5 +373,6 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         lambda_identity: args.lambda_identity,
         pool_size: args.pool_size,
         seed: args.seed,
+        init_generators: None,
     })
 }

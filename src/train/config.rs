@@ -39,6 +39,20 @@ pub struct TrainConfig {
     /// Capacity of each domain's image pool of past fakes.
     pub pool_size: usize,
     pub seed: u64,
+    /// The model file G and F started from (`--init-generators`), instead of the seed's random
+    /// weights. Absent for runs that started from the seed, and in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_generators: Option<GeneratorInit>,
+}
+
+/// A model file that a run's generators started from, named as provenance names data: by file
+/// name and content, never by its path on the training machine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GeneratorInit {
+    pub file: String,
+    pub sha256: String,
+    /// The training steps its header records (`None` for a file that does not say).
+    pub steps: Option<u64>,
 }
 
 impl TrainConfig {
@@ -82,6 +96,7 @@ mod tests {
             lambda_identity: 0.5,
             pool_size: 50,
             seed: 0,
+            init_generators: None,
         };
         let factors: Vec<f64> = (0..6).map(|e| config.lr_factor(e)).collect();
         assert_eq!(factors, vec![1.0, 1.0, 1.0, 0.75, 0.5, 0.25]);

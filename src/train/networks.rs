@@ -81,6 +81,17 @@ impl Networks {
         Ok(())
     }
 
+    /// Sets one network's variables (`"G"`, `"F"`…) from tensors keyed by PyTorch name.
+    pub fn load_network(&self, network: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let prefix = format!("{network}.");
+        for (name, var) in self.sorted_vars() {
+            let Some(param) = name.strip_prefix(&prefix) else { continue };
+            let Some(t) = tensors.get(param) else { candle_core::bail!("{network} lacks {param}") };
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
     /// Current weights of one network (`"G"`, `"F"`…), keyed by PyTorch name.
     pub fn weights(&self, network: &str) -> HashMap<String, Tensor> {
         let i = NETWORK_NAMES.iter().position(|n| *n == network).expect("known network name");
