@@ -288,20 +288,20 @@ fn a_run_can_start_its_generators_from_a_model_file() {
     train(&data, &started, &[&at_rest[..], &["--init-generators", model.to_str().unwrap()]].concat());
     let from_seed = dir.path().join("from-seed");
     train(&data, &from_seed, &at_rest);
-    let (started, from_seed) = (checkpoint(&started), checkpoint(&from_seed));
+    let (started_weights, seed_weights) = (checkpoint(&started), checkpoint(&from_seed));
     let file = candle_core::safetensors::load(&model, &Device::Cpu).unwrap();
     let max_diff = |a: &Tensor, b: &Tensor| {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     };
     let (mut generators, mut discriminators) = (0, 0);
-    for (name, weight) in &started {
+    for (name, weight) in &started_weights {
         match name.split('.').next().unwrap() {
             "G" | "F" => {
                 assert_eq!(max_diff(weight, &file[name]), 0.0, "{name}");
                 generators += 1;
             }
             "D_X" | "D_Y" => {
-                assert_eq!(max_diff(weight, &from_seed[name]), 0.0, "{name}");
+                assert_eq!(max_diff(weight, &seed_weights[name]), 0.0, "{name}");
                 discriminators += 1;
             }
             _ => {}
@@ -309,17 +309,39 @@ fn a_run_can_start_its_generators_from_a_model_file() {
     }
     assert_eq!(generators, file.len());
     assert!(discriminators > 0);
-    assert!(max_diff(&started["G.model.1.weight"], &from_seed["G.model.1.weight"]) > 0.0);
+    assert!(max_diff(&started_weights["G.model.1.weight"], &seed_weights["G.model.1.weight"]) > 0.0);
 
-    // The recipe names the file by name and content, and the exported model carries it.
-    let state = checkpoint_state(&dir.path().join("started/checkpoint.safetensors"));
-    let init = &state["config"]["init_generators"];
-    assert_eq!(init["file"], "start.safetensors");
-    assert_eq!(init["sha256"], cycleserve::engine::catalog::sha256_hex(&std::fs::read(&model).unwrap()));
-    assert_eq!(init["steps"], 2);
-    assert!(checkpoint_state(&first.join("checkpoint.safetensors"))["config"]
-        .get("init_generators")
-        .is_none());
+    // The recipe names the file by name and content; a resumed run keeps it, and the exported
+    // model carries it.
+    let expected = serde_json::json!({
+        "file": "start.safetensors",
+        "sha256": cycleserve::engine::catalog::sha256_hex(&std::fs::read(&model).unwrap()),
+        "steps": 2,
+    });
+    let init = |run: &Path| {
+        checkpoint_state(&run.join("checkpoint.safetensors"))["config"]["init_generators"].clone()
+    };
+    assert_eq!(init(&started), expected);
+    let out = cycletrain(&["--resume", started.to_str().unwrap(), "--max-steps", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(checkpoint_step(&started.join("checkpoint.safetensors")), 2);
+    assert_eq!(init(&started), expected);
+    let grown = dir.path().join("grown.safetensors");
+    let out = cycletrain(&[
+        "export",
+        started.to_str().unwrap(),
+        "--out",
+        grown.to_str().unwrap(),
+        "--domains",
+        "photo,painting",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&grown).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let recipe: serde_json::Value =
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["recipe"]).unwrap();
+    assert_eq!(recipe["init_generators"], expected);
+    assert_eq!(init(&first), serde_json::Value::Null);
 
     // A file of another architecture is refused before anything is written.
     let wrong = dir.path().join("wrong");
@@ -342,15 +364,20 @@ fn a_run_can_start_its_generators_from_a_model_file() {
     assert!(message.contains("holds upsample family, ngf 4, 1 blocks"), "{message}");
     assert!(message.contains("asks for upsample family, ngf 8, 1 blocks"), "{message}");
     assert!(!wrong.exists());
+    let not_a_model = data.join("trainA/0.png");
     let out = cycletrain(&[
         "--init-generators",
-        data.join("trainA/0.png").to_str().unwrap(),
+        not_a_model.to_str().unwrap(),
         "--data",
         data.to_str().unwrap(),
         "--out",
         wrong.to_str().unwrap(),
     ]);
-    assert!(stderr(&out).contains("cannot start the generators from it"), "{}", stderr(&out));
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains("--init-generators: cannot start the generators from this file"), "{message}");
+    assert!(message.contains("0.png"), "{message}");
+    assert!(!wrong.exists());
 }
 
 /// The training state a checkpoint holds besides tensors.

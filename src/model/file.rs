@@ -131,6 +131,11 @@ const ARCHITECTURE_KEYS: [&str; 4] = ["family", "ngf", "n_blocks", "norm_affine"
 const DOMAIN_KEYS: [&str; 2] = ["domain_x", "domain_y"];
 
 impl ModelMetadata {
+    /// The training steps the provenance records (`cycletrain export` writes them), if any.
+    pub fn steps(&self) -> Option<u64> {
+        self.provenance.get("steps").and_then(|s| s.parse().ok())
+    }
+
     fn to_header(&self) -> HashMap<String, String> {
         let arch = &self.architecture;
         let mut header: HashMap<String, String> = self.provenance.clone().into_iter().collect();

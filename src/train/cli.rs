@@ -228,7 +228,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         |x: &Tensor| model.forward(Direction::XtoY, x).map_err(|e| candle_core::Error::Msg(e.to_string()));
     let f =
         |x: &Tensor| model.forward(Direction::YtoX, x).map_err(|e| candle_core::Error::Msg(e.to_string()));
-    let steps = model.metadata.provenance.get("steps").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let steps = model.metadata.steps().unwrap_or(0);
     println!("{}", serde_json::to_string(&set.evaluate(&g, &f, steps)?)?);
     if let Some(path) = &args.grid {
         write_grid(&set, &g, &f, args.grid_rows, 256, path)?;
@@ -317,22 +317,39 @@ fn read_generators(
     path: &Path,
     architecture: &GeneratorConfig,
 ) -> anyhow::Result<(GeneratorInit, ModelFile)> {
-    let (info, file) = load_model(path).with_context(|| "cannot start the generators from it")?;
-    if info.metadata.architecture != *architecture {
+    let (info, file) =
+        load_model(path).context("--init-generators: cannot start the generators from this file")?;
+    let held = info.metadata.architecture;
+    if held.norm_affine != architecture.norm_affine {
+        bail!("{} holds {held} generators; cycletrain trains non-affine instance norm only", path.display());
+    }
+    if held != *architecture {
         bail!(
-            "{} holds {} generators; this run asks for {architecture} (set --family, --ngf and \
+            "{} holds {held} generators; this run asks for {architecture} (set --family, --ngf and \
              --blocks to match)",
-            path.display(),
-            info.metadata.architecture
+            path.display()
         );
     }
-    if info.directions.len() != 2 {
-        bail!("{} holds only one generator; a run needs both G and F", path.display());
+    let domains = &info.metadata.domains;
+    if let [only] = info.directions[..] {
+        bail!(
+            "{} holds only the {} generator; a run needs both G and F",
+            path.display(),
+            domains.direction_name(only)
+        );
     }
+    // The file's X must be the run's X: nothing in the images says which domain they are.
+    tracing::info!(
+        file = %path.display(),
+        g = %domains.direction_name(Direction::XtoY),
+        f = %domains.direction_name(Direction::YtoX),
+        "the generators start from a model file: the run's X images must be its {}s",
+        domains.x
+    );
     let init = GeneratorInit {
         file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         sha256: info.sha256,
-        steps: info.metadata.provenance.get("steps").and_then(|s| s.parse().ok()),
+        steps: info.metadata.steps(),
     };
     Ok((init, file))
 }

@@ -74,19 +74,25 @@ impl Networks {
 
     /// Sets every variable from tensors named as [`Networks::sorted_vars`] names them.
     pub fn load(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        for (name, var) in self.sorted_vars() {
-            let Some(t) = tensors.get(&name) else { candle_core::bail!("checkpoint lacks {name}") };
-            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
-        }
-        Ok(())
+        self.set_vars(|name| Some(name.to_string()), tensors)
     }
 
     /// Sets one network's variables (`"G"`, `"F"`…) from tensors keyed by PyTorch name.
     pub fn load_network(&self, network: &str, tensors: &HashMap<String, Tensor>) -> Result<()> {
         let prefix = format!("{network}.");
+        self.set_vars(|name| name.strip_prefix(&prefix).map(str::to_string), tensors)
+    }
+
+    /// Sets each variable that `key` names a tensor for (by its full name, `G.model.1.weight`)
+    /// from that tensor, which must be there.
+    fn set_vars(
+        &self,
+        key: impl Fn(&str) -> Option<String>,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<()> {
         for (name, var) in self.sorted_vars() {
-            let Some(param) = name.strip_prefix(&prefix) else { continue };
-            let Some(t) = tensors.get(param) else { candle_core::bail!("{network} lacks {param}") };
+            let Some(key) = key(&name) else { continue };
+            let Some(t) = tensors.get(&key) else { candle_core::bail!("the weights lack {name}") };
             var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
         }
         Ok(())
