@@ -63,6 +63,15 @@ fn train_tiny(data: &Path, out: &Path, extra: &[&str]) {
     assert!(run.status.success(), "{}", stderr(&run));
 }
 
+/// Exports a run's model file with these domain names.
+fn export(run: &Path, out: &Path, domains: &str, extra: &[&str]) {
+    let mut args =
+        vec!["export", run.to_str().unwrap(), "--out", out.to_str().unwrap(), "--domains", domains];
+    args.extend(extra);
+    let export = cycletrain(&args);
+    assert!(export.status.success(), "{}", stderr(&export));
+}
+
 fn checkpoint(run: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(run.join("checkpoint.safetensors"), &Device::Cpu).unwrap()
 }
@@ -141,15 +150,7 @@ fn resume_can_replace_the_schedule() {
 
     // The last step ended the last epoch: the run counts it as done.
     let model = dir.path().join("model.safetensors");
-    let export = cycletrain(&[
-        "export",
-        run_dir.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--domains",
-        "a,b",
-    ]);
-    assert!(export.status.success(), "{}", stderr(&export));
+    export(&run_dir, &model, "a,b", &[]);
     let meta = cycleserve::model::ModelFile::load(&model, &Device::Cpu).unwrap().metadata;
     assert_eq!(meta.provenance["epochs"], "3 of 3");
     assert_eq!(meta.provenance["dataset"], "tinted crops");
@@ -175,17 +176,7 @@ fn export_serves_and_bad_setups_fail_clearly() {
     train(&data, &run_dir, &["--max-steps", "2"]);
 
     let model = dir.path().join("model.safetensors");
-    let out = cycletrain(&[
-        "export",
-        run_dir.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--domains",
-        "photo,painting",
-        "--storage",
-        "int8",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    export(&run_dir, &model, "photo,painting", &["--storage", "int8"]);
     let png = dir.path().join("out.png");
     let photo = fixture("photo_250x198.png");
     let serve = Command::new(env!("CARGO_BIN_EXE_cycleserve"))
@@ -235,18 +226,7 @@ fn export_serves_and_bad_setups_fail_clearly() {
     assert_eq!(recipe["generator"]["ngf"], 4);
     assert!(recipe.get("x_dir").is_none(), "{recipe}");
     let renamed = dir.path().join("renamed.safetensors");
-    let run = run_dir.to_str().unwrap();
-    let out = cycletrain(&[
-        "export",
-        run,
-        "--out",
-        renamed.to_str().unwrap(),
-        "--domains",
-        "a,b",
-        "--dataset-name",
-        "crops",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    export(&run_dir, &renamed, "a,b", &["--dataset-name", "crops"]);
     let meta = cycleserve::model::ModelFile::load(&renamed, &Device::Cpu).unwrap().metadata;
     assert_eq!(meta.provenance["dataset"], "crops");
 
@@ -271,15 +251,7 @@ fn a_run_can_start_its_generators_from_a_model_file() {
     let first = dir.path().join("first");
     train(&data, &first, &["--max-steps", "2"]);
     let model = dir.path().join("start.safetensors");
-    let out = cycletrain(&[
-        "export",
-        first.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--domains",
-        "photo,painting",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    export(&first, &model, "photo,painting", &[]);
 
     // At a learning rate of 0 no step moves a weight, so the checkpoint shows where each
     // network started: G and F from the file, the discriminators from the seed.
@@ -327,15 +299,7 @@ fn a_run_can_start_its_generators_from_a_model_file() {
     assert_eq!(checkpoint_step(&started.join("checkpoint.safetensors")), 2);
     assert_eq!(init(&started), expected);
     let grown = dir.path().join("grown.safetensors");
-    let out = cycletrain(&[
-        "export",
-        started.to_str().unwrap(),
-        "--out",
-        grown.to_str().unwrap(),
-        "--domains",
-        "photo,painting",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    export(&started, &grown, "photo,painting", &[]);
     let bytes = std::fs::read(&grown).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let recipe: serde_json::Value =
