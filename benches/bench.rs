@@ -349,6 +349,7 @@ fn train(
             pool_size: 50,
             seed: 0,
             init_generators: None,
+            average: None,
         };
         let mut trainer = match &weights {
             Some((path, weights)) => {

@@ -57,6 +57,7 @@ fn golden_config() -> TrainConfig {
         pool_size: 50,
         seed: 0,
         init_generators: None,
+        average: None,
     }
 }
 

@@ -81,16 +81,19 @@ fn resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     dataset(&data);
-    // 5 steps per epoch: the runs cross an epoch boundary (and its learning-rate change).
+    // 5 steps per epoch: the runs cross an epoch boundary (and its learning-rate change). Both
+    // keep an average of their generators, which resumes exactly too.
+    let options = ["--save-every", "3", "--sample-every", "4", "--average-decay", "0.9"];
     let straight = dir.path().join("straight");
-    train(&data, &straight, &["--max-steps", "8", "--save-every", "3", "--sample-every", "4"]);
+    train(&data, &straight, &[&options[..], &["--max-steps", "8"]].concat());
     let resumed = dir.path().join("resumed");
-    train(&data, &resumed, &["--max-steps", "4", "--save-every", "3", "--sample-every", "4"]);
+    train(&data, &resumed, &[&options[..], &["--max-steps", "4"]].concat());
     let run = cycletrain(&["--resume", resumed.to_str().unwrap(), "--max-steps", "8", "--sample-every", "4"]);
     assert!(run.status.success(), "{}", stderr(&run));
 
     let (a, b) = (checkpoint(&straight), checkpoint(&resumed));
     assert_eq!(a.len(), b.len());
+    assert!(a.contains_key("average.G.model.1.weight"));
     for (name, ta) in &a {
         let (va, vb) = (ta.flatten_all().unwrap(), b[name].flatten_all().unwrap());
         assert_eq!(va.to_vec1::<f32>().unwrap(), vb.to_vec1::<f32>().unwrap(), "{name} differs after resume");
@@ -342,6 +345,93 @@ fn a_run_can_start_its_generators_from_a_model_file() {
     assert!(message.contains("--init-generators: cannot start the generators from this file"), "{message}");
     assert!(message.contains("0.png"), "{message}");
     assert!(!wrong.exists());
+}
+
+#[test]
+fn a_run_can_keep_an_average_of_its_generators_and_export_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data);
+    let plain = dir.path().join("plain");
+    train(&data, &plain, &["--max-steps", "4"]);
+    let averaged = dir.path().join("averaged");
+    train(&data, &averaged, &["--max-steps", "4", "--average-decay", "0.5"]);
+    // The average starts on a resume too, at the checkpoint's weights.
+    let late = dir.path().join("late");
+    train(&data, &late, &["--max-steps", "2"]);
+    let out = cycletrain(&["--resume", late.to_str().unwrap(), "--max-steps", "4", "--average-decay", "0.5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The average never feeds back: all three runs trained the same networks.
+    let (plain_weights, averaged_weights, late_weights) =
+        (checkpoint(&plain), checkpoint(&averaged), checkpoint(&late));
+    let same = |a: &Tensor, b: &Tensor| {
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    for (name, weight) in &plain_weights {
+        assert!(same(weight, &averaged_weights[name]) && same(weight, &late_weights[name]), "{name}");
+    }
+    let averages: Vec<&String> = averaged_weights.keys().filter(|n| n.starts_with("average.")).collect();
+    let generator_vars = plain_weights.keys().filter(|n| n.starts_with("G.") || n.starts_with("F.")).count();
+    assert_eq!(averages.len(), generator_vars);
+    assert!(!plain_weights.keys().any(|n| n.starts_with("average.")));
+    let name = "G.model.1.weight";
+    let average = &averaged_weights[&format!("average.{name}")];
+    assert!(!same(average, &averaged_weights[name]), "the average is not the last step's weights");
+    // Started two steps later, the late average has fewer steps behind it.
+    assert!(!same(average, &late_weights[&format!("average.{name}")]));
+    let since =
+        |run: &Path| checkpoint_state(&run.join("checkpoint.safetensors"))["config"]["average"].clone();
+    assert_eq!(since(&averaged), serde_json::json!({"decay": 0.5, "since_step": 0}));
+    assert_eq!(since(&late), serde_json::json!({"decay": 0.5, "since_step": 2}));
+
+    // Export takes the average by default, the last step's weights on request, and says which.
+    let exported = |run: &Path, file: &str, extra: &[&str]| {
+        let path = dir.path().join(file);
+        export(run, &path, "photo,painting", extra);
+        let bytes = std::fs::read(&path).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let weights = header.metadata().as_ref().unwrap()["weights"].clone();
+        (candle_core::safetensors::load(&path, &Device::Cpu).unwrap(), weights)
+    };
+    let (file, weights) = exported(&averaged, "average.safetensors", &[]);
+    assert!(same(&file[name], average));
+    assert_eq!(weights, "moving average (decay 0.5, from step 0)");
+    let (file, weights) = exported(&averaged, "last.safetensors", &["--weights", "last"]);
+    assert!(same(&file[name], &averaged_weights[name]));
+    assert_eq!(weights, "last step");
+    let (file, weights) = exported(&plain, "plain.safetensors", &[]);
+    assert!(same(&file[name], &plain_weights[name]));
+    assert_eq!(weights, "last step");
+
+    // What cannot be done is refused clearly.
+    let missing = dir.path().join("none.safetensors");
+    let out = cycletrain(&[
+        "export",
+        plain.to_str().unwrap(),
+        "--out",
+        missing.to_str().unwrap(),
+        "--domains",
+        "photo,painting",
+        "--weights",
+        "average",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("keeps no average of its generators"), "{}", stderr(&out));
+    assert!(!missing.exists());
+    let out = cycletrain(&["--resume", averaged.to_str().unwrap(), "--average-decay", "0.9"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot change to 0.9"), "{}", stderr(&out));
+    assert_eq!(checkpoint_step(&averaged.join("checkpoint.safetensors")), 4);
+    let never = dir.path().join("never");
+    for decay in ["1", "-0.5", "x"] {
+        let decay = format!("--average-decay={decay}");
+        let out = cycletrain(&["--data", data.to_str().unwrap(), "--out", never.to_str().unwrap(), &decay]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--average-decay"), "{}", stderr(&out));
+        assert!(!never.exists());
+    }
 }
 
 /// The training state a checkpoint holds besides tensors.

@@ -7,15 +7,17 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use super::average::AverageConfig;
 use super::config::GeneratorInit;
 use super::data::Dataset;
 use super::eval::{write_grid, EvalSet};
-use super::export::export;
+use super::export::{export, ExportOptions};
 use super::interrupt::StopRequest;
 use super::lock::RunLock;
 use super::optim::AdamConfig;
 use super::provenance::dataset_label;
 use super::run::{checkpoint_path, run, HeldOutEval, RunOptions};
+use super::trainer::GeneratorWeights;
 use super::{TrainConfig, Trainer};
 use crate::device::DeviceSpec;
 use crate::engine::catalog::load_model;
@@ -94,7 +96,8 @@ struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this directory exactly where its checkpoint left it. Data,
     /// architecture and recipe come from the checkpoint and the options below them are
-    /// ignored, except --epochs and --epochs-decay, which replace the run's schedule.
+    /// ignored, except --epochs and --epochs-decay, which replace the run's schedule, and
+    /// --average-decay, which starts an average in a run that keeps none.
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
 
@@ -174,6 +177,11 @@ struct TrainArgs {
     /// the one --family, --ngf and --blocks ask for; its name and SHA-256 go into the recipe.
     #[arg(long, conflicts_with = "resume")]
     init_generators: Option<PathBuf>,
+    /// Keep a moving average of G and F, `average ← decay · average + (1 − decay) · weights` after
+    /// every step, for export to take instead of the last step's weights (e.g. 0.999: about the
+    /// last thousand steps). On --resume it starts from the checkpoint's weights.
+    #[arg(long, value_parser = parse_average_decay)]
+    average_decay: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +201,10 @@ struct ExportArgs {
     /// Name the training data in the model file [default: what the run recorded].
     #[arg(long)]
     dataset_name: Option<String>,
+    /// The generators' weights to write: the last step's, or the run's moving average
+    /// [default: average if the run keeps one, else last].
+    #[arg(long, value_enum)]
+    weights: Option<GeneratorWeights>,
 }
 
 pub fn main() -> ExitCode {
@@ -215,8 +227,16 @@ pub fn main() -> ExitCode {
 }
 
 fn run_export(args: ExportArgs) -> anyhow::Result<()> {
-    let meta = export(&args.source, &args.out, args.domains, args.storage, args.dataset_name)?;
-    println!("wrote {} ({} steps, {})", args.out.display(), meta.provenance["steps"], meta.architecture);
+    let options =
+        ExportOptions { storage: args.storage, weights: args.weights, dataset_name: args.dataset_name };
+    let meta = export(&args.source, &args.out, args.domains, options)?;
+    println!(
+        "wrote {} ({} steps, {} weights, {})",
+        args.out.display(),
+        meta.provenance["steps"],
+        meta.provenance["weights"],
+        meta.architecture
+    );
     Ok(())
 }
 
@@ -284,6 +304,9 @@ fn resume_run(dir: &Path, args: &TrainArgs, device: &Device) -> anyhow::Result<S
     if let Some(name) = &args.dataset_name {
         trainer.config.dataset = Some(name.clone());
     }
+    if let Some(decay) = args.average_decay {
+        trainer.start_average(decay)?;
+    }
     let dataset = open_dataset(&trainer.config)?;
     Ok(Setup { run_dir: dir.to_path_buf(), lock, trainer, dataset })
 }
@@ -304,10 +327,14 @@ fn new_run(args: &TrainArgs, device: &Device) -> anyhow::Result<Setup> {
         None => dataset_label(&config.x_dir, &config.y_dir, &run_dir),
     });
     config.init_generators = start.as_ref().map(|(init, _)| init.clone());
-    let trainer = Trainer::new(config, device)?;
+    let mut trainer = Trainer::new(config, device)?;
     if let Some((_, file)) = &start {
         trainer.nets.load_network("G", &file.generators[&Direction::XtoY])?;
         trainer.nets.load_network("F", &file.generators[&Direction::YtoX])?;
+    }
+    // From the weights the run starts with, the file's or the seed's.
+    if let Some(decay) = args.average_decay {
+        trainer.start_average(decay)?;
     }
     Ok(Setup { trainer, run_dir, lock, dataset })
 }
@@ -354,6 +381,11 @@ fn read_generators(
     Ok((init, file))
 }
 
+fn parse_average_decay(text: &str) -> Result<f64, String> {
+    let decay: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    AverageConfig::new(decay, 0).map(|_| decay).map_err(|e| e.to_string())
+}
+
 fn open_dataset(config: &TrainConfig) -> anyhow::Result<Dataset> {
     Dataset::open(&config.x_dir, &config.y_dir, config.load_size, config.crop_size, config.flip, config.seed)
 }
@@ -391,5 +423,6 @@ fn config_from_args(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         pool_size: args.pool_size,
         seed: args.seed,
         init_generators: None,
+        average: None,
     })
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::average::AverageConfig;
 use super::networks::LossWeights;
 use super::optim::AdamConfig;
 use crate::model::{DiscriminatorConfig, GeneratorConfig};
@@ -43,6 +44,10 @@ pub struct TrainConfig {
     /// weights. Absent for runs that started from the seed, and in checkpoints of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_generators: Option<GeneratorInit>,
+    /// The moving average of G and F the run keeps (`--average-decay`), if any. It may start on a
+    /// resume, so `since_step` says from where. Absent in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub average: Option<AverageConfig>,
 }
 
 /// A model file that a run's generators started from, named as provenance names data: by file
@@ -97,6 +102,7 @@ mod tests {
             pool_size: 50,
             seed: 0,
             init_generators: None,
+            average: None,
         };
         let factors: Vec<f64> = (0..6).map(|e| config.lr_factor(e)).collect();
         assert_eq!(factors, vec![1.0, 1.0, 1.0, 0.75, 0.5, 0.25]);

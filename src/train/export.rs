@@ -5,23 +5,32 @@ use std::path::Path;
 
 use super::provenance::dataset_label;
 use super::run::checkpoint_path;
-use super::trainer::{checkpoint_generators, CheckpointGenerators};
+use super::trainer::{checkpoint_generators, CheckpointGenerators, GeneratorWeights};
 use super::TrainConfig;
 use crate::model::{Direction, Domains, ModelFile, ModelMetadata, WeightStorage};
 
-/// Writes `out` from a run directory or a checkpoint file, its weights in `storage`.
-/// `dataset_name` replaces the name the run recorded for its data.
+/// What to export besides the checkpoint and the domain names.
+pub struct ExportOptions {
+    pub storage: WeightStorage,
+    /// The generators' weights to take [default: the run's average if it keeps one, else the
+    /// last step's].
+    pub weights: Option<GeneratorWeights>,
+    /// Replaces the name the run recorded for its data.
+    pub dataset_name: Option<String>,
+}
+
+/// Writes `out` from a run directory or a checkpoint file.
 pub fn export(
     source: &Path,
     out: &Path,
     domains: Domains,
-    storage: WeightStorage,
-    dataset_name: Option<String>,
+    options: ExportOptions,
 ) -> anyhow::Result<ModelMetadata> {
     let checkpoint = if source.is_dir() { checkpoint_path(source) } else { source.to_path_buf() };
-    let CheckpointGenerators { config, progress, g, f } = checkpoint_generators(&checkpoint)?;
+    let CheckpointGenerators { config, progress, weights, g, f } =
+        checkpoint_generators(&checkpoint, options.weights)?;
     let generators = BTreeMap::from([(Direction::XtoY, g), (Direction::YtoX, f)]);
-    let dataset = dataset_name.or_else(|| config.dataset.clone()).unwrap_or_else(|| {
+    let dataset = options.dataset_name.or_else(|| config.dataset.clone()).unwrap_or_else(|| {
         // A checkpoint from before runs named their data: name it from the run's folder now.
         let run_dir = checkpoint.parent().unwrap_or(Path::new("."));
         dataset_label(&config.x_dir, &config.y_dir, run_dir)
@@ -32,6 +41,7 @@ pub fn export(
         ("epochs", format!("{} of {}", progress.epoch, config.total_epochs())),
         ("steps", progress.global_step.to_string()),
         ("training_seconds", format!("{:.0}", progress.seconds)),
+        ("weights", weights_description(weights, &config)),
         ("recipe", recipe(&config)?),
         ("created", humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()),
     ];
@@ -40,8 +50,19 @@ pub fn export(
         domains,
         provenance: provenance.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
     };
-    ModelFile::save(out, &metadata, &generators, storage)?;
+    ModelFile::save(out, &metadata, &generators, options.storage)?;
     Ok(metadata)
+}
+
+/// Which generator weights the file holds, in words: `last step`, or `moving average (decay
+/// 0.999, from step 2508)`.
+fn weights_description(weights: GeneratorWeights, config: &TrainConfig) -> String {
+    match (weights, config.average) {
+        (GeneratorWeights::Average, Some(average)) => {
+            format!("moving average (decay {}, from step {})", average.decay, average.since_step)
+        }
+        _ => "last step".to_string(),
+    }
 }
 
 /// The config as JSON without where the data lay on the training machine (`dataset` says

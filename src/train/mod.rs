@@ -3,8 +3,10 @@
 //! [`trainer`] holds one optimisation step and the run's state; [`run`] drives epochs of
 //! batches from [`data`], writing [`durable`] checkpoints, the [`loss_log`], [`samples`] and the
 //! loss [`plot`], under a [`lock`], until done or [`interrupt`]ed; [`export`] turns a checkpoint
-//! into the model file the server loads, with its [`provenance`].
+//! into the model file the server loads, with its [`provenance`]; a run may keep an [`average`]
+//! of its generators to export instead of the last step's.
 
+pub mod average;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::average::{AverageConfig, GeneratorAverage};
 use super::config::TrainConfig;
 use super::networks::Networks;
 use super::optim::Adam;
@@ -82,14 +83,17 @@ pub struct Trainer {
     pool_x: ImagePool,
     pool_y: ImagePool,
     rng: ChaCha8Rng,
+    /// Kept exactly when `config.average` is set.
+    average: Option<GeneratorAverage>,
     device: Device,
 }
 
 impl Trainer {
     /// A fresh run, initialised from the config's seed.
     pub fn new(config: TrainConfig, device: &Device) -> candle_core::Result<Self> {
-        let trainer = Self::with_networks(config, device)?;
+        let mut trainer = Self::with_networks(config, device)?;
         trainer.nets.init_normal(trainer.config.seed)?;
+        trainer.start_configured_average()?;
         Ok(trainer)
     }
 
@@ -99,8 +103,9 @@ impl Trainer {
         device: &Device,
         weights: &HashMap<String, Tensor>,
     ) -> candle_core::Result<Self> {
-        let trainer = Self::with_networks(config, device)?;
+        let mut trainer = Self::with_networks(config, device)?;
         trainer.nets.load(weights)?;
+        trainer.start_configured_average()?;
         Ok(trainer)
     }
 
@@ -119,6 +124,7 @@ impl Trainer {
             opt_g,
             opt_d,
             rng,
+            average: None,
             device: device.clone(),
         };
         trainer.apply_schedule();
@@ -153,6 +159,36 @@ impl Trainer {
         Ok(())
     }
 
+    /// An average the config asks for starts at the weights the run starts from.
+    fn start_configured_average(&mut self) -> candle_core::Result<()> {
+        self.average = match self.config.average {
+            Some(config) => Some(GeneratorAverage::start(config, &self.nets)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// Starts the moving average of G and F at their current weights, from the current step on.
+    /// A run that already keeps one keeps it, if it uses the same decay.
+    pub fn start_average(&mut self, decay: f64) -> anyhow::Result<()> {
+        if let Some(kept) = self.config.average {
+            if kept.decay != decay {
+                anyhow::bail!(
+                    "the run has averaged its generators with decay {} since step {}; it cannot \
+                     change to {decay}",
+                    kept.decay,
+                    kept.since_step
+                );
+            }
+            return Ok(());
+        }
+        let config = AverageConfig::new(decay, self.progress.global_step)?;
+        tracing::info!(decay, from_step = config.since_step, "keeping a moving average of G and F");
+        self.average = Some(GeneratorAverage::start(config, &self.nets)?);
+        self.config.average = Some(config);
+        Ok(())
+    }
+
     pub fn lr(&self) -> f64 {
         self.opt_g.lr()
     }
@@ -162,6 +198,9 @@ impl Trainer {
     pub fn step(&mut self, real_x: &Tensor, real_y: &Tensor) -> candle_core::Result<StepLosses> {
         let g = self.nets.generator_losses(real_x, real_y, self.config.loss_weights())?;
         self.opt_g.step(&g.total.backward()?)?;
+        if let Some(average) = &mut self.average {
+            average.update(&self.nets)?;
+        }
 
         let fake_x = self.pool_x.query(&g.fake_x, &mut self.rng)?;
         let fake_y = self.pool_y.query(&g.fake_y, &mut self.rng)?;
@@ -203,6 +242,9 @@ impl Trainer {
             tensors
                 .extend(pool.images().iter().enumerate().map(|(i, t)| (format!("{prefix}.{i}"), t.clone())));
         }
+        if let Some(average) = &self.average {
+            tensors.extend(average.checkpoint_tensors());
+        }
         let state = CheckpointState {
             trainer: format!("cycletrain {}", env!("CARGO_PKG_VERSION")),
             config: self.config.clone(),
@@ -239,6 +281,9 @@ impl Trainer {
             pool.restore(
                 (0..size).map(|i| get(format!("{prefix}.{i}"))).collect::<candle_core::Result<_>>()?,
             );
+        }
+        if let Some(config) = state.config.average {
+            trainer.average = Some(GeneratorAverage::restore(config, &trainer.nets, &tensors)?);
         }
         trainer.rng = state.rng;
         trainer.progress = state.progress;
@@ -278,22 +323,51 @@ impl Checkpoint {
 pub struct CheckpointGenerators {
     pub config: TrainConfig,
     pub progress: Progress,
+    /// Which weights `g` and `f` are.
+    pub weights: GeneratorWeights,
     /// X→Y weights, by PyTorch name.
     pub g: HashMap<String, Tensor>,
     /// Y→X weights.
     pub f: HashMap<String, Tensor>,
 }
 
-/// The config, progress and G/F weights of a checkpoint.
-pub fn checkpoint_generators(path: &Path) -> anyhow::Result<CheckpointGenerators> {
+/// Which weights of a checkpoint to take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GeneratorWeights {
+    /// The generators as the last step left them.
+    Last,
+    /// Their moving average (a run with `--average-decay`).
+    Average,
+}
+
+/// The config, progress and G/F weights of a checkpoint: the average's when `weights` asks for
+/// it (which the run must then keep) or, by default, when the run keeps one.
+pub fn checkpoint_generators(
+    path: &Path,
+    weights: Option<GeneratorWeights>,
+) -> anyhow::Result<CheckpointGenerators> {
     let Checkpoint { tensors, state } = Checkpoint::read(path)?;
-    let strip = |prefix: &str| -> HashMap<String, Tensor> {
-        tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone()))).collect()
+    let weights = weights.unwrap_or(match state.config.average {
+        Some(_) => GeneratorWeights::Average,
+        None => GeneratorWeights::Last,
+    });
+    let prefix = match weights {
+        GeneratorWeights::Last => "",
+        GeneratorWeights::Average if state.config.average.is_some() => super::average::AVERAGE_PREFIX,
+        GeneratorWeights::Average => anyhow::bail!(
+            "{} keeps no average of its generators (a run keeps one with --average-decay)",
+            path.display()
+        ),
+    };
+    let strip = |network: &str| -> HashMap<String, Tensor> {
+        let network = format!("{prefix}{network}.");
+        tensors.iter().filter_map(|(k, v)| Some((k.strip_prefix(&network)?.to_string(), v.clone()))).collect()
     };
     Ok(CheckpointGenerators {
         config: state.config,
         progress: state.progress,
-        g: strip("G."),
-        f: strip("F."),
+        weights,
+        g: strip("G"),
+        f: strip("F"),
     })
 }
