@@ -58,8 +58,9 @@ impl GeneratorAverage {
             .sorted_vars()
             .into_iter()
             .filter(|(name, _)| averaged(name))
-            // A copy: a variable's tensor shares its storage, which the optimiser updates in place.
-            .map(|(name, var)| Ok((name, var.as_tensor().copy()?)))
+            // A copy, detached: a variable's tensor shares its storage, which the optimiser
+            // updates in place, and ops on it are recorded for backprop (see `update`).
+            .map(|(name, var)| Ok((name, var.as_tensor().detach().copy()?)))
             .collect::<Result<_>>()?;
         Ok(Self { config, tensors })
     }
@@ -87,8 +88,11 @@ impl GeneratorAverage {
         let follow = 1.0 - self.config.decay;
         for ((name, average), (var_name, var)) in self.tensors.iter_mut().zip(vars) {
             debug_assert_eq!(*name, var_name);
-            // average + (1 − decay)(weights − average): one rounding fewer than the two products.
-            *average = (&*average + ((var.as_tensor() - &*average)? * follow)?)?;
+            // average + (1 − decay)(weights − average). From the variable's values only: an op on
+            // the variable itself would record the op for backprop, and each average would hold
+            // the previous one alive through that graph (a run grew by 100 MB a step).
+            let weights = var.as_tensor().detach();
+            *average = (&*average + ((weights - &*average)? * follow)?)?;
         }
         Ok(())
     }
@@ -138,6 +142,8 @@ mod tests {
         average.update(&nets).unwrap();
         moved(1.0);
         average.update(&nets).unwrap();
+        // No backprop graph ties an average to the variables or to the averages before it.
+        assert!(average.checkpoint_tensors().all(|(_, t)| !t.track_op()));
         // From w0: after w0 + 1 the average is w0 + 0.25; after w0 + 2, w0 + 0.25 + 0.25 · 1.75.
         let expected_shift = 0.25 + 0.25 * 1.75;
         for (name, t) in average.checkpoint_tensors() {
